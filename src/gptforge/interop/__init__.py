@@ -1,0 +1,1 @@
+"""Model formats of other tools: Hugging Face directories (`hf`) and GGUF export (`gguf`)."""
