@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "prune": ("gptforge.commands.prune", "Prune weights (magnitude, Wanda) or heads/channels (structured)", False),
     "export": ("gptforge.commands.export", "Export to Hugging Face or GGUF format", False),
     "explain": ("gptforge.commands.explain", "Per-token log-probabilities, surprisal and attention maps", False),
-    "demo": ("gptforge.commands.demo", "Train a small code model on the Python standard library, offline", False),
+    "demo": ("gptforge.commands.demo", "Train a small code model on the Python standard library, offline", True),
 }
 
 # Errors a user can cause: shown as one clear line and a non-zero exit, never a traceback.

@@ -1,0 +1,39 @@
+"""`gptforge prepare`: tokenize corpora into token shards + manifest (reused when nothing changed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="+",
+                        help="files, folders, globs, .jsonl/.parquet files, 'stdlib', or hf:NAME[:CONFIG][@SPLIT]")
+    parser.add_argument("-o", "--out", required=True, help="output folder for shards, tokenizer and manifest.json")
+    parser.add_argument("--tokenizer", default="bpe", help="bpe | char | path to tokenizer.json or folder (default bpe)")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens for validation (default 0.1)")
+    parser.add_argument("--split", choices=["tail", "documents"], default="tail",
+                        help="tail: last fraction of the stream; documents: per-document hash (default tail)")
+    parser.add_argument("--text-field", default="text", help="field/column holding text in JSONL/Parquet/HF data")
+    parser.add_argument("--on-decode-error", choices=["fail", "skip"], default="fail",
+                        help="files that are not UTF-8: fail (default) or skip and list them")
+    parser.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto", help="token dtype on disk")
+    parser.add_argument("--max-bytes", type=int, default=None, help="read at most this many bytes of text")
+    parser.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.shards import prepare_corpus
+
+    corpus = prepare_corpus(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                            val_fraction=args.val_fraction, split=args.split, text_field=args.text_field,
+                            on_decode_error=args.on_decode_error, dtype=args.dtype, max_bytes=args.max_bytes,
+                            shard_tokens=args.shard_tokens, force=args.force, progress=not args.no_progress)
+    m = corpus.manifest
+    print(json.dumps({"out": str(corpus.directory), "documents": m["documents"], "tokens": m["num_tokens"],
+                      "train_tokens": m["split_tokens"]["train"], "val_tokens": m["split_tokens"]["val"],
+                      "vocab_size": m["vocab_size"], "dtype": m["dtype"], "skipped": m["skipped"]}))
+    return 0

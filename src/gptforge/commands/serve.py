@@ -1,0 +1,62 @@
+"""`gptforge serve`: an OpenAI-compatible HTTP API and chat page over a saved model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `gptforge serve`."""
+    parser.add_argument("--model", required=True, help="model directory (config.json + safetensors + tokenizer)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the `model` name clients send (default: the directory name)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                        help="accepted API key (repeatable; also GPTFORGE_API_KEYS=k1,k2 and --api-keys-file)")
+    parser.add_argument("--api-keys-file", default=None, help="file with one API key per line")
+    parser.add_argument("--max-concurrency", type=int, default=8,
+                        help="sequences decoded together in the running batch (KV cache rows)")
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting sequences before 429 + Retry-After")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cut off")
+    parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
+    parser.add_argument("--rate-limit-rpm", type=int, default=None, help="requests per minute per API key")
+    parser.add_argument("--rate-limit-tpm", type=int, default=None,
+                        help="tokens (prompt + max completion) per minute per API key")
+    parser.add_argument("--redact-pii", nargs="?", const="logs", default="off", choices=["off", "logs", "content"],
+                        help="mask emails, phones, cards, IPs... in logs ('logs'), or also in prompts and outputs "
+                             "('content')")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--graceful-timeout", type=float, default=30.0,
+                        help="seconds to let in-flight requests finish on SIGTERM")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the server (blocks until SIGINT/SIGTERM)."""
+    import torch
+
+    from ..serve.app import ServerOptions, create_app, load_model_dir, run_server
+    from ..serve.auth import collect_keys
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model_dir}: no config.json there (expected a saved model directory)")
+    for flag, value in (("--max-concurrency", args.max_concurrency), ("--max-queue", args.max_queue),
+                        ("--port", args.port)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = ServerOptions(
+        model_name=args.served_model_name or model_dir.resolve().name,
+        api_keys=collect_keys(args.api_key, args.api_keys_file),
+        max_batch=args.max_concurrency, max_queue=args.max_queue, request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes, requests_per_minute=args.rate_limit_rpm,
+        tokens_per_minute=args.rate_limit_tpm, redact_pii=args.redact_pii)
+    app = create_app(load_model_dir(model_dir, args.dtype), options)
+    print(f"gptforge serve: {options.model_name} on http://{args.host}:{args.port} "
+          f"({'API keys required' if options.api_keys else 'no API keys configured'})", flush=True)
+    run_server(app, args.host, args.port, graceful_timeout=args.graceful_timeout)
+    return 0

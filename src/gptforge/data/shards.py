@@ -1,0 +1,376 @@
+"""Token shards: a corpus tokenized into flat uint16/uint32 `.bin` files plus a JSON manifest.
+
+Layout of a prepared folder:
+    manifest.json       dtype, vocab size, tokenizer, sources + fingerprint, counts, shards, splits
+    tokenizer/          tokenizer.json + tokenizer_config.json
+    tokens_0000.bin     raw little-endian token ids (numpy `tofile`), documents joined by EOS when the
+                        tokenizer has one; `split: documents` writes train_*.bin and val_*.bin instead
+A split is a list of segments {file, start, end} (token offsets), so the classic "last 10% of the
+stream is validation" split needs no copy. The whole folder is written with `atomic_directory`:
+an error or a kill leaves the previous folder (or none), never partial shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from ..atomic import atomic_directory, atomic_write_text
+from ..tokenizer import Tokenizer, TokenizerError
+from .corpus import Corpus, CorpusError, Document
+
+log = logging.getLogger(__name__)
+
+FORMAT = "gptforge-token-shards"
+VERSION = 1
+DTYPE_LIMITS = {"uint16": 2 ** 16, "uint32": 2 ** 32}
+SPLIT_METHODS = ("tail", "documents")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class PreparedCorpus:
+    """A prepared folder: its manifest, tokenizer and split segments."""
+
+    directory: Path
+    manifest: dict[str, Any]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["dtype"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_file(self.directory / "tokenizer")
+
+    def segments(self, split: str) -> list[tuple[Path, int, int]]:
+        """(file, start, end) token ranges of `split` ("train" or "val")."""
+        if split not in self.manifest["splits"]:
+            raise CorpusError(f"{self.directory}: no split {split!r} (have {sorted(self.manifest['splits'])})")
+        return [(self.directory / s["file"], int(s["start"]), int(s["end"])) for s in self.manifest["splits"][split]]
+
+    def num_tokens(self, split: str) -> int:
+        return sum(end - start for _, start, end in self.segments(split))
+
+    def tokens(self, split: str) -> np.ndarray:
+        """All tokens of `split` as one array (loads them; for small corpora and tests)."""
+        parts = [np.memmap(path, dtype=self.dtype, mode="r")[start:end] for path, start, end in self.segments(split)
+                 if end > start]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+
+
+def load_prepared(directory: str | Path) -> PreparedCorpus:
+    """Open a folder written by `prepare_corpus`, checking that every shard has its recorded size."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise CorpusError(f"{directory}: not a prepared corpus (no {MANIFEST}); run `gptforge prepare` first")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CorpusError(f"{path}: invalid JSON: {exc}") from exc
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CorpusError(f"{path}: not a {FORMAT} v{VERSION} manifest")
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for shard in manifest["shards"]:
+        file = directory / shard["file"]
+        if not file.is_file() or file.stat().st_size != shard["tokens"] * itemsize:
+            raise CorpusError(f"{file}: missing or wrong size (expected {shard['tokens']} tokens); "
+                              "prepare the corpus again")
+    return PreparedCorpus(directory, manifest)
+
+
+class _ShardWriter:
+    """Appends token arrays to `<prefix>_NNNN.bin` files of at most `shard_tokens` tokens."""
+
+    def __init__(self, directory: Path, prefix: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.directory, self.prefix, self.dtype, self.shard_tokens = directory, prefix, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self.handle = None
+        self.total = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        while ids.size:
+            if self.handle is None or self.shards[-1]["tokens"] >= self.shard_tokens:
+                self._roll()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            part, ids = ids[:room], ids[room:]
+            part.astype(self.dtype, copy=False).tofile(self.handle)
+            self.shards[-1]["tokens"] += int(part.size)
+            self.total += int(part.size)
+
+    def _roll(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        name = f"{self.prefix}_{len(self.shards):04d}.bin"
+        self.handle = open(self.directory / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+def _pick_dtype(dtype: str, vocab_size: int) -> str:
+    if dtype == "auto":
+        return "uint16" if vocab_size <= DTYPE_LIMITS["uint16"] else "uint32"
+    if dtype not in DTYPE_LIMITS:
+        raise CorpusError(f"dtype must be 'auto', 'uint16' or 'uint32', got {dtype!r}")
+    if vocab_size > DTYPE_LIMITS[dtype]:
+        raise CorpusError(f"vocab size {vocab_size} does not fit dtype {dtype} (at most {DTYPE_LIMITS[dtype]} ids); "
+                          "use dtype uint32 or 'auto'")
+    return dtype
+
+
+def _doc_in_val(text: str, val_fraction: float) -> bool:
+    """Stable per-document coin from its content: a document (and any duplicate) always lands in one split."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < val_fraction
+
+
+def _batched(docs: Iterator[Document], max_bytes: int, chunk_chars: Optional[int]) -> Iterator[list[Document]]:
+    """Group documents (~max_bytes per group) for parallel encode_batch; long texts split for char tokenizers."""
+    batch: list[Document] = []
+    size = 0
+    for doc in docs:
+        pieces = [doc]
+        if chunk_chars and len(doc.text) > chunk_chars:
+            # Char tokenizers map each character on its own, so any cut point gives the same ids.
+            pieces = [Document(doc.name if i == 0 else "", doc.text[i:i + chunk_chars])
+                      for i in range(0, len(doc.text), chunk_chars)]
+        for piece in pieces:
+            batch.append(piece)
+            size += len(piece.text)
+            if size >= max_bytes:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class _CharTable:
+    """Vectorised encoding for char tokenizers: one table lookup per code point, same ids as `encode`."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        vocab = tok.backend.get_vocab(with_added_tokens=True)
+        singles = {ord(t): i for t, i in vocab.items() if len(t) == 1}
+        self.specials = [t for t in vocab if len(t) > 1]
+        self.keys = np.array(sorted(singles), dtype=np.uint32)
+        self.ids = np.array([singles[k] for k in sorted(singles)], dtype=np.int64)
+
+    def encode(self, text: str) -> Optional[np.ndarray]:
+        """Ids of `text`, or None when the tokenizer itself must decide (special tokens, unknown chars)."""
+        if any(s in text for s in self.specials):
+            return None
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        pos = np.searchsorted(self.keys, points)
+        pos = np.minimum(pos, len(self.keys) - 1)
+        if not np.array_equal(self.keys[pos], points):
+            return None
+        return self.ids[pos]
+
+
+def _make_tokenizer(tokenizer: Any, corpus: Corpus, vocab_size: int) -> Tokenizer:
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    kind = str(tokenizer)
+    if kind == "bpe":
+        log.info("training a byte-level BPE tokenizer (vocab %d)", vocab_size)
+        try:
+            return Tokenizer.train_bpe((d.text for d in corpus.documents()), vocab_size=vocab_size)
+        except TokenizerError as exc:
+            raise CorpusError(f"tokenizer: {exc}") from exc
+    if kind == "char":
+        chars: set[str] = set()
+        docs = 0
+        for doc in corpus.documents():
+            chars.update(doc.text)
+            docs += 1
+        if not chars:
+            raise CorpusError(_empty_message(corpus))
+        # Several documents need a separator token; one text (e.g. tinyshakespeare) keeps nanoGPT's ids.
+        specials = ["<|endoftext|>"] if docs > 1 else []
+        return Tokenizer.train_char([''.join(sorted(chars))], special_tokens=specials)
+    path = Path(kind)
+    if path.exists():
+        return Tokenizer.from_file(path)
+    raise CorpusError(f"tokenizer must be 'bpe', 'char' or a path to a tokenizer.json / folder, got {kind!r} "
+                      "(no such path)")
+
+
+def _empty_message(corpus: Corpus) -> str:
+    specs = [s.spec for s in corpus.sources]
+    extra = f" ({len(corpus.skipped)} undecodable file(s) skipped: {corpus.skipped[:3]})" if corpus.skipped else ""
+    return f"corpus is empty: sources {specs} yielded no text{extra}"
+
+
+def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: Any = "bpe", vocab_size: int = 8192,
+                   val_fraction: float = 0.1, split: str = "tail", text_field: str = "text",
+                   on_decode_error: str = "fail", dtype: str = "auto", shard_tokens: int = 1 << 27,
+                   max_bytes: Optional[int] = None, force: bool = False, progress: bool = True) -> PreparedCorpus:
+    """Tokenize `sources` into token shards in `out_dir`; reuse the folder when nothing changed.
+
+    sources: file/folder/glob paths, .jsonl/.parquet files (`text_field`), "stdlib", or "hf:NAME[:CONFIG][@SPLIT]".
+    tokenizer: "bpe" (train byte-level BPE of `vocab_size`), "char", a tokenizer path, or a `Tokenizer`.
+    split: "tail" (the last `val_fraction` of the token stream is validation) or "documents" (each
+    document goes to validation with probability `val_fraction`, decided by a hash of its text).
+    on_decode_error: "fail" or "skip" for files that are not UTF-8 (skipped files are listed in the manifest).
+    dtype: "auto" (uint16 when the vocab fits, else uint32), "uint16" or "uint32".
+    Returns the `PreparedCorpus`; raises CorpusError (a ValueError) naming the bad input.
+    """
+    out_dir = Path(out_dir)
+    if split not in SPLIT_METHODS:
+        raise CorpusError(f"split must be one of {SPLIT_METHODS}, got {split!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise CorpusError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens <= 0:
+        raise CorpusError(f"shard_tokens must be positive, got {shard_tokens}")
+    if isinstance(tokenizer, str) and tokenizer == "bpe":
+        _pick_dtype(dtype, vocab_size)  # fail before training a tokenizer that cannot be stored
+    corpus = Corpus(sources, text_field=text_field, on_decode_error=on_decode_error, max_bytes=max_bytes)
+    settings = {"tokenizer": tokenizer if isinstance(tokenizer, str) else hashlib.sha256(
+        tokenizer.backend.to_str().encode()).hexdigest(), "vocab_size": vocab_size, "val_fraction": val_fraction,
+        "split": split, "dtype": dtype, "shard_tokens": shard_tokens, "version": VERSION}
+    if isinstance(tokenizer, str) and tokenizer not in ("bpe", "char") and Path(tokenizer).exists():
+        tok_file = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
+        settings["tokenizer_hash"] = hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file() else None
+    fingerprint = hashlib.sha256(json.dumps([corpus.fingerprint(), settings], sort_keys=True,
+                                            default=str).encode()).hexdigest()
+
+    if out_dir.exists():
+        if (out_dir / MANIFEST).is_file():
+            if not force:
+                try:
+                    existing = load_prepared(out_dir)
+                    if existing.manifest.get("fingerprint") == fingerprint:
+                        log.info("%s is up to date (same inputs and settings); reusing it", out_dir)
+                        return existing
+                except CorpusError:
+                    pass  # damaged: rebuild below
+            log.info("inputs or settings changed: rebuilding %s", out_dir)
+        elif out_dir.is_dir() and any(out_dir.iterdir()):
+            raise CorpusError(f"output folder {out_dir} exists and is not a prepared corpus (no {MANIFEST}); "
+                              "choose an empty or new folder")
+        elif not out_dir.is_dir():
+            raise CorpusError(f"output path {out_dir} exists and is not a folder")
+
+    tok = _make_tokenizer(tokenizer, corpus, vocab_size)
+    dtype_name = _pick_dtype(dtype, tok.vocab_size)
+    np_dtype = np.dtype(dtype_name)
+    eos = tok.eos_token_id
+    started = time.perf_counter()
+
+    with atomic_directory(out_dir) as tmp:
+        tok.save(tmp / "tokenizer")
+        if split == "tail":
+            writers = {"all": _ShardWriter(tmp, "tokens", np_dtype, shard_tokens)}
+        else:
+            writers = {"train": _ShardWriter(tmp, "train", np_dtype, shard_tokens),
+                       "val": _ShardWriter(tmp, "val", np_dtype, shard_tokens)}
+        n_docs = n_chars = 0
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=corpus.input_bytes(), unit="B", unit_scale=True, desc="tokenize", dynamic_ncols=True)
+        chunk = (1 << 20) if tok.kind == "char" else None
+        char_table = _CharTable(tok) if tok.kind == "char" else None
+        first_doc = True
+        current = "train"  # split of the document being written (continuation pieces follow it)
+        try:
+            for batch in _batched(corpus.documents(), 4 << 20, chunk):
+                fast = [char_table.encode(d.text) for d in batch] if char_table else [None] * len(batch)
+                slow = [d.text for d, ids in zip(batch, fast) if ids is None]
+                slow_ids = iter(tok.encode_batch(slow, add_special_tokens=False) if slow else [])
+                encoded = [ids if ids is not None else next(slow_ids) for ids in fast]
+                for doc, ids in zip(batch, encoded):
+                    starts_doc = doc.name != ""  # continuation pieces of a split text carry no name
+                    if starts_doc:
+                        n_docs += 1
+                    arr = np.asarray(ids, dtype=np.int64)
+                    if arr.size and int(arr.max()) >= DTYPE_LIMITS[dtype_name]:
+                        raise CorpusError(f"token id {int(arr.max())} does not fit {dtype_name}")
+                    if split == "tail":
+                        target = writers["all"]
+                        if starts_doc and not first_doc and eos is not None:
+                            target.write(np.asarray([eos], dtype=np.int64))
+                    else:
+                        if starts_doc:
+                            current = "val" if _doc_in_val(doc.text, val_fraction) else "train"
+                        target = writers[current]
+                        if starts_doc and eos is not None and target.total:
+                            target.write(np.asarray([eos], dtype=np.int64))
+                    first_doc = False
+                    target.write(arr)
+                    n_chars += len(doc.text)
+                if bar is not None:
+                    bar.update(sum(len(d.text.encode("utf-8")) for d in batch))
+        finally:
+            for writer in writers.values():
+                writer.close()
+            if bar is not None:
+                bar.close()
+        total = sum(w.total for w in writers.values())
+        if total == 0:
+            raise CorpusError(_empty_message(corpus))
+        shards = [s for w in writers.values() for s in w.shards if s["tokens"] > 0]
+        for w in writers.values():  # a roll at an exact boundary can leave an empty file
+            for s in w.shards:
+                if s["tokens"] == 0:
+                    (tmp / s["file"]).unlink(missing_ok=True)
+        if split == "tail":
+            n_val = int(math.ceil(total * val_fraction)) if val_fraction > 0 else 0
+            splits = {"train": _range_segments(shards, 0, total - n_val),
+                      "val": _range_segments(shards, total - n_val, total)}
+        else:
+            splits = {name: [{"file": s["file"], "start": 0, "end": s["tokens"]} for s in w.shards if s["tokens"]]
+                      for name, w in writers.items()}
+            if val_fraction > 0 and not splits["val"]:
+                raise CorpusError(f"split 'documents' put none of the {n_docs} documents into validation; "
+                                  "use split 'tail' or a larger val_fraction")
+        manifest = {
+            "format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
+            "sources": [s.spec for s in corpus.sources], "text_field": text_field,
+            "tokenizer": {"dir": "tokenizer", "kind": tok.kind, "vocab_size": tok.vocab_size,
+                          "eos_token_id": eos},
+            "vocab_size": tok.vocab_size, "dtype": dtype_name, "documents": n_docs, "characters": n_chars,
+            "num_tokens": total, "skipped": list(corpus.skipped),
+            "split": {"method": split, "val_fraction": val_fraction},
+            "split_tokens": {name: sum(s["end"] - s["start"] for s in segs) for name, segs in splits.items()},
+            "shards": shards, "splits": splits, "settings": settings,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    log.info("prepared %s: %d documents, %d tokens (%s), train %d / val %d", out_dir, n_docs, total, dtype_name,
+             manifest["split_tokens"]["train"], manifest["split_tokens"]["val"])
+    if corpus.skipped:
+        log.warning("skipped %d undecodable file(s): %s", len(corpus.skipped), ", ".join(corpus.skipped[:10]))
+    return load_prepared(out_dir)
+
+
+def _range_segments(shards: list[dict[str, Any]], begin: int, end: int) -> list[dict[str, Any]]:
+    """Segments covering global token offsets [begin, end) of consecutive shards."""
+    segments, offset = [], 0
+    for shard in shards:
+        lo, hi = offset, offset + shard["tokens"]
+        s, e = max(begin, lo), min(end, hi)
+        if s < e:
+            segments.append({"file": shard["file"], "start": s - lo, "end": e - lo})
+        offset = hi
+    return segments
+
+
+__all__ = ["prepare_corpus", "load_prepared", "PreparedCorpus", "FORMAT", "VERSION", "SPLIT_METHODS"]

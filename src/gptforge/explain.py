@@ -1,0 +1,390 @@
+"""Explain a model's reading of a text: per-token log-probabilities, surprisal, alternatives, attention maps.
+
+The model attends with `scaled_dot_product_attention`, which never materialises the attention weights.
+`attention_maps` therefore captures each layer's fused q|k|v projection with forward hooks on
+`blocks[i].attn.qkv` and recomputes softmax(q k^T / sqrt(d) + mask) exactly as the model does (RoPE,
+grouped-query heads, causal and sliding-window masks). The weights are checked against `transformers`
+eager attention with `output_attentions=True`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .atomic import atomic_write_bytes, atomic_write_text
+from .model import GPT, apply_rope
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tokenizer import Tokenizer
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class Alternative:
+    """A token the model considered at a position, with its log-probability (nats)."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass
+class TokenExplanation:
+    """One input token: how likely the model found it given the tokens before it."""
+
+    position: int
+    token_id: int
+    token: str
+    logprob: Optional[float]  # natural log; None for the first token (nothing predicts it)
+    surprisal_bits: Optional[float]  # -log2 p
+    rank: Optional[int]  # 1 = the model's top choice
+    top_alternatives: list[Alternative] = field(default_factory=list)  # what the model expected here
+
+
+@dataclass
+class Explanation:
+    """Everything `explain` computes for one text; attention is (n_layer, n_head, T, T), rows = queries."""
+
+    text: str
+    tokens: list[TokenExplanation]
+    attentions: Optional[torch.Tensor]
+
+    @property
+    def token_strings(self) -> list[str]:
+        return [t.token for t in self.tokens]
+
+    @property
+    def mean_surprisal_bits(self) -> float:
+        """Mean surprisal over the predicted tokens (all but the first)."""
+        values = [t.surprisal_bits for t in self.tokens if t.surprisal_bits is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        """exp of the mean negative log-likelihood of the predicted tokens."""
+        values = [-t.logprob for t in self.tokens if t.logprob is not None]
+        return math.exp(sum(values) / len(values)) if values else float("nan")
+
+    def to_dict(self, include_attention: bool = True) -> dict[str, Any]:
+        """JSON-ready dict; attention as nested lists (n_layer, n_head, T, T) rounded to 5 digits."""
+        data: dict[str, Any] = {
+            "text": self.text,
+            "num_tokens": len(self.tokens),
+            "mean_surprisal_bits": _finite(self.mean_surprisal_bits),
+            "perplexity": _finite(self.perplexity),
+            "tokens": [asdict(t) for t in self.tokens],
+        }
+        if include_attention and self.attentions is not None:
+            data["attention_shape"] = list(self.attentions.shape)
+            data["attentions"] = torch.round(self.attentions.float() * 1e5).div(1e5).tolist()
+        return data
+
+
+def _finite(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None
+
+
+# ---- attention weights ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def attention_maps(model: GPT, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the model once; return (logits (B, T, V), attention weights (n_layer, B, n_head, T, T))."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if model.has_cache:
+        raise ValueError("attention_maps needs a model without a KV cache; call model.clear_cache() first")
+    config = model.config
+    captured: list[Optional[torch.Tensor]] = [None] * len(model.blocks)
+
+    def capture(index: int):
+        def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            captured[index] = output.detach()
+        return hook
+
+    handles = [block.attn.qkv.register_forward_hook(capture(i)) for i, block in enumerate(model.blocks)]
+    try:
+        logits = model(input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    b, t = input_ids.shape
+    h, hkv, d = config.n_head, config.kv_heads, config.hdim
+    positions = torch.arange(t, device=input_ids.device)
+    causal = positions[None, :] <= positions[:, None]  # (T, T): query i sees keys j <= i
+    if config.sliding_window is not None:
+        causal = causal & (positions[:, None] - positions[None, :] < config.sliding_window)
+    maps = []
+    for qkv in captured:
+        assert qkv is not None, "a block's qkv projection did not run"
+        q, k, _ = qkv.float().split([h * d, hkv * d, hkv * d], dim=-1)
+        q = q.view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, hkv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        if config.pos_embedding == "rope":
+            cos = model.rope_cos[positions][None, None].float()  # (1, 1, T, D)
+            sin = model.rope_sin[positions][None, None].float()
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if hkv != h:
+            k = k.repeat_interleave(h // hkv, dim=1)  # (B, H, T, D): each kv head serves h/hkv query heads
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, H, T, T)
+        scores = scores.masked_fill(~causal, float("-inf"))
+        maps.append(F.softmax(scores, dim=-1))
+    return logits, torch.stack(maps)  # (L, B, H, T, T)
+
+
+# ---- the explanation --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def explain(model: GPT, text: str | Sequence[int], tokenizer: Optional["Tokenizer"] = None, *,
+            top_k: int = 5, attention: bool = True, max_tokens: Optional[int] = None) -> Explanation:
+    """Per-token log-probabilities, surprisal, top-k alternatives and attention maps for one text."""
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    if isinstance(text, str):
+        if tokenizer is None:
+            raise ValueError("explain: a tokenizer is needed to encode text (the model directory has no "
+                             "tokenizer.json); pass tokenizer= or token ids")
+        ids = tokenizer.encode(text)
+    else:
+        ids = [int(i) for i in text]
+    if top_k < 0:
+        raise ValueError(f"explain: top_k must be >= 0, got {top_k}")
+    if not ids:
+        raise ValueError("explain: the text encodes to zero tokens; give a non-empty text")
+    limit = min(max_tokens or model.config.block_size, model.config.block_size)
+    if len(ids) > limit:
+        raise ValueError(f"explain: the text is {len(ids)} tokens, more than the limit of {limit} "
+                         f"(model context {model.config.block_size}); shorten it or raise max_tokens")
+    vocab = model.config.vocab_size
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"explain: token ids {bad[:5]} are outside the model vocabulary [0, {vocab})")
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        if attention:
+            logits, maps = attention_maps(model, input_ids)
+            attentions = maps[:, 0].cpu()  # (L, H, T, T)
+        else:
+            logits, attentions = model(input_ids), None
+    finally:
+        model.train(was_training)
+
+    logprobs = F.log_softmax(logits[0].float(), dim=-1).cpu()  # (T, V): row t predicts token t+1
+    names = [_token_text(tokenizer, i) for i in ids]
+    tokens = [TokenExplanation(0, ids[0], names[0], None, None, None, [])]
+    for pos in range(1, len(ids)):
+        row = logprobs[pos - 1]
+        lp = float(row[ids[pos]])
+        rank = int((row > row[ids[pos]]).sum()) + 1
+        alternatives = []
+        if top_k:
+            values, indices = row.topk(min(top_k, row.numel()))
+            alternatives = [Alternative(int(i), _token_text(tokenizer, int(i)), float(v))
+                            for v, i in zip(values, indices)]
+        tokens.append(TokenExplanation(pos, ids[pos], names[pos], lp, -lp / LN2, rank, alternatives))
+    shown = text if isinstance(text, str) else "".join(names)
+    return Explanation(shown, tokens, attentions)
+
+
+def _token_text(tokenizer: Optional["Tokenizer"], token_id: int) -> str:
+    """The text a single token stands for (byte-level pieces decoded; partial UTF-8 shown as U+FFFD)."""
+    if tokenizer is None:
+        return f"<{token_id}>"
+    return tokenizer.decode([token_id])
+
+
+# ---- pictures and the HTML page ---------------------------------------------------------------------
+
+def _label(token: str, limit: int = 12) -> str:
+    shown = token.replace("\n", "\\n").replace("\t", "\\t")
+    shown = shown if shown.strip() else repr(token)[1:-1] or "·"
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def attention_figure_png(weights: torch.Tensor, labels: Sequence[str], title: str) -> bytes:
+    """One PNG with a heatmap per head: weights (H, T, T), rows are queries, columns keys."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n_head, t = weights.shape[0], weights.shape[-1]
+    cols = min(n_head, 4)
+    rows = math.ceil(n_head / cols)
+    cell = max(2.6, min(0.28 * t + 1.2, 7.0))
+    fig = Figure(figsize=(cols * cell, rows * cell + 0.6))
+    FigureCanvasAgg(fig)
+    shown = [_label(s) for s in labels]
+    ticks = t <= 40
+    for head in range(n_head):
+        ax = fig.add_subplot(rows, cols, head + 1)
+        image = ax.imshow(weights[head].numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(f"head {head}", fontsize=9)
+        if ticks:
+            ax.set_xticks(range(t), shown, rotation=90, fontsize=6)
+            ax.set_yticks(range(t), shown, fontsize=6)
+        else:
+            ax.set_xlabel("key position", fontsize=7)
+            ax.set_ylabel("query position", fontsize=7)
+    fig.colorbar(image, ax=fig.axes, shrink=0.6, label="attention weight")
+    fig.suptitle(title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def surprisal_figure_png(explanation: Explanation) -> bytes:
+    """A bar chart of per-token surprisal in bits."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tokens = explanation.tokens[1:]
+    fig = Figure(figsize=(max(4.0, 0.3 * len(tokens) + 1.5), 3.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(range(len(tokens)), [t.surprisal_bits for t in tokens], color="#d0563b")
+    if len(tokens) <= 60:
+        ax.set_xticks(range(len(tokens)), [_label(t.token) for t in tokens], rotation=90, fontsize=7)
+    ax.set_ylabel("surprisal (bits)")
+    ax.set_title(f"mean {explanation.mean_surprisal_bits:.2f} bits/token, perplexity {explanation.perplexity:.2f}")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def write_report(explanation: Explanation, out_dir: str | Path, *, title: str = "gptforge explain") -> dict[str, Any]:
+    """Write explanation.json, surprisal.png, attention/layer_XX.png (all heads) and a self-contained index.html."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Any] = {"json": out / "explanation.json", "html": out / "index.html",
+                               "surprisal_png": out / "surprisal.png", "attention_png": []}
+    atomic_write_text(written["json"], json.dumps(explanation.to_dict(), indent=1))
+    images: list[tuple[str, bytes]] = []
+    if len(explanation.tokens) > 1:
+        surprisal = surprisal_figure_png(explanation)
+        atomic_write_bytes(written["surprisal_png"], surprisal)
+        images.append(("Surprisal per token", surprisal))
+    else:
+        written["surprisal_png"] = None
+    if explanation.attentions is not None:
+        (out / "attention").mkdir(exist_ok=True)
+        for layer, weights in enumerate(explanation.attentions):
+            png = attention_figure_png(weights, explanation.token_strings, f"layer {layer}")
+            path = out / "attention" / f"layer_{layer:02d}.png"
+            atomic_write_bytes(path, png)
+            written["attention_png"].append(path)
+            images.append((f"Attention, layer {layer} (rows: queries, columns: keys)", png))
+    atomic_write_text(written["html"], render_html(explanation, images, title=title))
+    return written
+
+
+def render_html(explanation: Explanation, images: Sequence[tuple[str, bytes]] = (), *,
+                title: str = "gptforge explain") -> str:
+    """A single HTML file (no external assets): tokens coloured by surprisal, hover for alternatives,
+    an interactive attention view (pick layer/head, hover a token to see what it attends to), PNGs inline."""
+    data = explanation.to_dict(include_attention=True)
+    payload = json.dumps(data).replace("</", "<\\/")  # safe inside <script>
+    figures = "\n".join(
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>" for caption, png in images)
+    return _HTML_TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__FIGURES__", figures).replace(
+        "__DATA__", payload)
+
+
+_HTML_TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1100px;color:#222}
+#tokens{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:2;border:1px solid #ddd;padding:.8em}
+.tok{padding:2px 1px;border-radius:3px;cursor:pointer;outline:1px solid #eee}
+.tok.sel{outline:2px solid #000}
+#info{font-family:ui-monospace,monospace;min-height:7em;background:#f7f7f7;padding:.6em;margin:.6em 0}
+figure img{max-width:100%} table{border-collapse:collapse} td,th{padding:2px 8px;border-bottom:1px solid #eee}
+.controls{margin:.6em 0}
+</style></head><body>
+<h1>__TITLE__</h1>
+<p id="summary"></p>
+<h2>Tokens</h2>
+<p>Colour: surprisal (white = expected, red = surprising). Hover or click a token for its log-probability and
+the model's top alternatives; with the attention view on, colour shows what the selected token attends to.</p>
+<div class="controls">View: <select id="mode"><option value="surprisal">surprisal</option>
+<option value="attention">attention from selected token</option></select>
+layer <select id="layer"></select> head <select id="head"></select></div>
+<div id="tokens"></div>
+<div id="info">Hover a token.</div>
+<h2>Figures</h2>
+__FIGURES__
+<script id="data" type="application/json">__DATA__</script>
+<script>
+const data = JSON.parse(document.getElementById('data').textContent);
+const toks = data.tokens, att = data.attentions || null;
+let selected = toks.length - 1;
+document.getElementById('summary').textContent = toks.length + ' tokens; mean surprisal ' +
+  (data.mean_surprisal_bits === null ? 'n/a' : data.mean_surprisal_bits.toFixed(2) + ' bits') +
+  '; perplexity ' + (data.perplexity === null ? 'n/a' : data.perplexity.toFixed(2));
+const layerSel = document.getElementById('layer'), headSel = document.getElementById('head');
+const modeSel = document.getElementById('mode');
+if (att) {
+  att.forEach((_, i) => layerSel.add(new Option(i, i)));
+  att[0].forEach((_, i) => headSel.add(new Option(i, i)));
+} else { modeSel.disabled = true; }
+const box = document.getElementById('tokens');
+const spans = toks.map((t, i) => {
+  const s = document.createElement('span'); s.className = 'tok'; s.textContent = t.token;
+  s.onmouseenter = () => show(i); s.onclick = () => { selected = i; paint(); show(i); };
+  box.appendChild(s); return s;
+});
+function fmt(x) { return x === null ? 'n/a' : x.toFixed(3); }
+function show(i) {
+  const t = toks[i];
+  let lines = ['position ' + t.position + '  token ' + JSON.stringify(t.token) + ' (id ' + t.token_id + ')',
+    'log-prob ' + fmt(t.logprob) + ' nats   surprisal ' + fmt(t.surprisal_bits) + ' bits   rank ' + (t.rank ?? 'n/a')];
+  if (t.top_alternatives.length) lines.push('expected: ' + t.top_alternatives.map(
+    a => JSON.stringify(a.token) + ' ' + Math.exp(a.logprob).toFixed(3)).join('   '));
+  document.getElementById('info').textContent = lines.join('\\n');
+}
+function paint() {
+  const attention = modeSel.value === 'attention' && att;
+  spans.forEach((s, i) => {
+    s.classList.toggle('sel', attention && i === selected);
+    let a;
+    if (attention) a = att[+layerSel.value][+headSel.value][selected][i];
+    else a = toks[i].surprisal_bits === null ? 0 : Math.min(toks[i].surprisal_bits / 12, 1);
+    const hue = attention ? '30,100,220' : '220,60,40';
+    s.style.background = 'rgba(' + hue + ',' + a.toFixed(3) + ')';
+  });
+}
+[modeSel, layerSel, headSel].forEach(e => e.onchange = paint);
+paint();
+</script></body></html>
+"""
+
+
+def format_table(explanation: Explanation, top_k: int = 3) -> str:
+    """A plain-text table: position, token, log-prob, surprisal, rank, top alternatives."""
+    lines = [f"{'pos':>4}  {'token':<16} {'logprob':>8} {'bits':>6} {'rank':>5}  expected"]
+    for t in explanation.tokens:
+        alternatives = "  ".join(f"{_label(a.token)!r} {math.exp(a.logprob):.2f}" for a in t.top_alternatives[:top_k])
+        lp = "" if t.logprob is None else f"{t.logprob:8.3f}"
+        bits = "" if t.surprisal_bits is None else f"{t.surprisal_bits:6.2f}"
+        rank = "" if t.rank is None else str(t.rank)
+        lines.append(f"{t.position:>4}  {_label(t.token, 16)!r:<16} {lp:>8} {bits:>6} {rank:>5}  {alternatives}")
+    lines.append(f"mean surprisal {explanation.mean_surprisal_bits:.3f} bits/token, "
+                 f"perplexity {explanation.perplexity:.3f} over {len(explanation.tokens) - 1} predicted tokens")
+    return "\n".join(lines)
+
+
+__all__ = ["Alternative", "TokenExplanation", "Explanation", "attention_maps", "explain", "write_report",
+           "render_html", "format_table", "attention_figure_png", "surprisal_figure_png"]

@@ -1,0 +1,546 @@
+"""Text generation: batched sampling/greedy decoding and beam search over a preallocated KV cache.
+
+`generate(model, prompts, tokenizer, **params)` returns one `GenerationOutput` per prompt (times
+`num_return_sequences`); `stream(...)` yields text deltas for one prompt; `score_tokens` gives the
+log-probability of every token of given sequences (prompt log-probs, log-likelihood evaluation).
+
+Prompts of different lengths share one batch: they are left-padded, each row's positions start at 0
+at its first real token, and `key_mask` hides the padding, so every row decodes exactly as it would alone.
+The prompt is run once (prefill) and each new token costs one single-position forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+
+from .sampling import (IncrementalDetokenizer, SamplingParams, StopStringMatcher, make_generator, process_logits,
+                       sample_next_token)
+
+Prompt = Union[str, Sequence[int]]
+Prompts = Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]]]
+
+
+@dataclass
+class GenerationOutput:
+    """One generated continuation."""
+
+    index: int  # which prompt it continues
+    text: str  # decoded continuation, cut before any stop string (empty without a tokenizer)
+    token_ids: list[int]  # generated tokens, without the final EOS
+    finish_reason: str  # "stop" (EOS or stop string) or "length" (max_new_tokens or the context is full)
+    prompt_token_ids: list[int] = field(default_factory=list)
+    stop_reason: Optional[Union[str, int]] = None  # the stop string or EOS id that ended it
+    logprobs: Optional[list[float]] = None  # log p(token) per generated token, from the unprocessed model logits
+    top_logprobs: Optional[list[dict[int, float]]] = None  # the most likely alternatives at each step
+    prompt_logprobs: Optional[list[Optional[float]]] = None  # with echo: per prompt token (None for the first)
+    prompt_top_logprobs: Optional[list[Optional[dict[int, float]]]] = None
+    score: Optional[float] = None  # beam search: length-penalised sum of log-probabilities
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+def _resolve_tokenizer(model: torch.nn.Module, tokenizer: Any) -> Any:
+    return tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+
+
+def normalize_prompts(prompts: Prompts, tokenizer: Any) -> list[list[int]]:
+    """Token id lists from a string, a list of strings, a list of ids or a list of id lists."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    elif isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts: expected at least one prompt, got an empty list")
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+        prompts = [prompts]
+    result = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError("prompts: text prompts need a tokenizer (pass tokenizer= or load a model "
+                                 "directory that has tokenizer.json)")
+            ids = tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise ValueError(f"prompts[{i}]: expected a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"prompts[{i}]: the prompt is empty (it must have at least one token)")
+        result.append(ids)
+    return result
+
+
+def _check_ids(model: torch.nn.Module, prompts: list[list[int]]) -> None:
+    vocab = model.config.vocab_size
+    for i, ids in enumerate(prompts):
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompts[{i}]: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+
+def _fit_context(model: torch.nn.Module, prompts: list[list[int]], truncate_prompt: bool) -> list[list[int]]:
+    """Prompts that leave room for at least one new token, or a clear error."""
+    block = model.config.block_size
+    fitted = []
+    for i, ids in enumerate(prompts):
+        if len(ids) >= block:
+            if not truncate_prompt:
+                raise ValueError(f"prompts[{i}] has {len(ids)} tokens but the model context is {block} tokens "
+                                 f"(block_size); shorten it or pass truncate_prompt=True to keep its last "
+                                 f"{block - 1} tokens")
+            ids = ids[len(ids) - (block - 1):]
+        fitted.append(ids)
+    return fitted
+
+
+def _default_eos(params: SamplingParams, tokenizer: Any, model: torch.nn.Module) -> list[int]:
+    if params.eos_token_id is not None:
+        return params.eos_token_ids
+    if tokenizer is not None:
+        return list(tokenizer.stop_token_ids())
+    eos = getattr(model.config, "eos_token_id", None)
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def _top_alternatives(logp: torch.Tensor, k: int) -> list[dict[int, float]]:
+    values, indices = logp.topk(k, dim=-1)
+    return [dict(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
+
+
+# ---- cache handling ------------------------------------------------------------------------------
+
+class _BorrowedCache:
+    """Sets up a KV cache for one generation and restores whatever cache the model had before."""
+
+    def __init__(self, model: torch.nn.Module, batch_size: int, max_len: int) -> None:
+        self.model, self.batch_size, self.max_len = model, batch_size, max_len
+
+    def __enter__(self) -> list[Any]:
+        model = self.model
+        self.saved = ([b.attn.kv_cache for b in model.blocks], model.cache_batch_size, model.cache_max_len)
+        ref = next(model.parameters())
+        model.setup_cache(self.batch_size, self.max_len, device=ref.device)
+        return [b.attn.kv_cache for b in model.blocks]
+
+    def __exit__(self, *exc: Any) -> None:
+        caches, batch, length = self.saved
+        for block, cache in zip(self.model.blocks, caches):
+            block.attn.kv_cache = cache
+        self.model.cache_batch_size, self.model.cache_max_len = batch, length
+
+
+def _copy_cache_rows(caches: list[Any], rows: torch.Tensor, length: int) -> None:
+    """Make cache row i a copy of row rows[i] (slots [:length]): fan-out of prompts and beam reordering."""
+    for cache in caches:
+        cache.k[:, :, :length] = cache.k[rows, :, :length]
+        cache.v[:, :, :length] = cache.v[rows, :, :length]
+
+
+class _Batch:
+    """Left-padded token layout of several prompts in one cache: slots, positions and the key mask."""
+
+    def __init__(self, prompts: list[list[int]], device: torch.device, pad_id: int) -> None:
+        self.lengths = [len(p) for p in prompts]
+        self.width = max(self.lengths)
+        self.pads = torch.tensor([self.width - n for n in self.lengths], device=device)
+        self.padded = self.pads.any().item()
+        self.input_ids = torch.tensor([[pad_id] * (self.width - len(p)) + p for p in prompts], device=device)
+        self.device = device
+
+    def positions(self, slots: torch.Tensor) -> Optional[torch.Tensor]:
+        """(B, T) position of each slot in its row (None when no row is padded: positions are the slots)."""
+        if not self.padded:
+            return None
+        return (slots[None, :] - self.pads[:, None]).clamp(min=0)
+
+    def key_mask(self, cache_len: int) -> Optional[torch.Tensor]:
+        if not self.padded:
+            return None
+        return torch.arange(cache_len, device=self.device)[None, :] >= self.pads[:, None]  # (B, S)
+
+
+# ---- the public API -------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
+             params: Optional[SamplingParams] = None, echo: bool = False, truncate_prompt: bool = False,
+             skip_special_tokens: bool = True, **kwargs: Any) -> list[GenerationOutput]:
+    """Continue each prompt; returns len(prompts) * num_return_sequences outputs, grouped by prompt.
+
+    Parameters are `SamplingParams` fields (max_new_tokens, temperature, top_p, stop, num_beams, ...),
+    given as keywords or as `params=`. `echo=True` adds the prompt's own log-probabilities.
+    """
+    params = params.replace(**kwargs) if params is not None else SamplingParams.from_kwargs(**kwargs)
+    tokenizer = _resolve_tokenizer(model, tokenizer)
+    if params.stop_strings and tokenizer is None:
+        raise ValueError("stop: stop strings need a tokenizer to turn tokens into text")
+    token_prompts = normalize_prompts(prompts, tokenizer)
+    _check_ids(model, token_prompts)
+    token_prompts = _fit_context(model, token_prompts, truncate_prompt)
+    was_training = model.training
+    model.eval()
+    try:
+        if params.num_beams > 1:
+            outputs = _beam_search(model, token_prompts, params, tokenizer, skip_special_tokens)
+        else:
+            outputs = list(_SamplingRun(model, token_prompts, params, tokenizer, skip_special_tokens).run())
+        if echo:
+            _attach_prompt_logprobs(model, outputs, token_prompts, params.top_logprobs)
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def stream(model: torch.nn.Module, prompt: Prompt, tokenizer: Any = None, *,
+           params: Optional[SamplingParams] = None, truncate_prompt: bool = False,
+           skip_special_tokens: bool = True, **kwargs: Any) -> Iterator[str]:
+    """Yield text deltas of one continuation as they are decoded.
+
+    Deltas never split a multi-byte character, and text that may begin a stop string is held back
+    until it is known not to (a matched stop string is never yielded).
+    """
+    params = params.replace(**kwargs) if params is not None else SamplingParams.from_kwargs(**kwargs)
+    if params.num_beams > 1 or params.num_return_sequences > 1:
+        raise ValueError("stream: num_beams and num_return_sequences must be 1 when streaming")
+    tokenizer = _resolve_tokenizer(model, tokenizer)
+    if tokenizer is None:
+        raise ValueError("stream: streaming text needs a tokenizer")
+    if not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int):
+        raise ValueError("stream: expected one prompt (a string or a list of token ids)")
+    token_prompts = _fit_context(model, normalize_prompts(prompt, tokenizer), truncate_prompt)
+    _check_ids(model, token_prompts)
+    run = _SamplingRun(model, token_prompts, params, tokenizer, skip_special_tokens, want_deltas=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for _ in run.steps():
+                delta = run.rows[0].pop_delta()
+                if delta:
+                    yield delta
+        tail = run.rows[0].pop_delta()
+        if tail:
+            yield tail
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def score_tokens(model: torch.nn.Module, token_id_lists: Sequence[Sequence[int]], *,
+                 batch_size: int = 8) -> list[list[Optional[float]]]:
+    """log p(token_i | tokens_<i) for every token of every sequence; the first token of each gets None."""
+    scores, _ = _score(model, [list(s) for s in token_id_lists], 0, batch_size)
+    return scores
+
+
+def _score(model: torch.nn.Module, seqs: list[list[int]], top_k: int,
+           batch_size: int = 8) -> tuple[list[list[Optional[float]]], list[list[Optional[dict[int, float]]]]]:
+    block = model.config.block_size
+    for i, seq in enumerate(seqs):
+        if not seq:
+            raise ValueError(f"token_id_lists[{i}] is empty")
+        if len(seq) > block:
+            raise ValueError(f"token_id_lists[{i}] has {len(seq)} tokens but the model context is {block} tokens")
+    _check_ids(model, seqs)
+    device = next(model.parameters()).device
+    all_scores: list[list[Optional[float]]] = []
+    all_tops: list[list[Optional[dict[int, float]]]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(seqs), batch_size):
+            chunk = seqs[start:start + batch_size]
+            width = max(len(s) for s in chunk)
+            # Right padding: causal attention keeps every real token blind to the padding after it.
+            ids = torch.tensor([s + [0] * (width - len(s)) for s in chunk], device=device)
+            logp = model(ids).float().log_softmax(-1)  # (B, T, V)
+            targets = ids[:, 1:]
+            picked = logp[:, :-1].gather(-1, targets[..., None])[..., 0]  # (B, T-1)
+            for row, seq in enumerate(chunk):
+                n = len(seq)
+                all_scores.append([None] + picked[row, :n - 1].tolist())
+                if top_k:
+                    all_tops.append([None] + _top_alternatives(logp[row, :n - 1], top_k))
+    finally:
+        model.train(was_training)
+    return all_scores, all_tops
+
+
+def _attach_prompt_logprobs(model: torch.nn.Module, outputs: list[GenerationOutput], prompts: list[list[int]],
+                            top_k: int) -> None:
+    scores, tops = _score(model, prompts, top_k)
+    for out in outputs:
+        out.prompt_logprobs = scores[out.index]
+        if top_k:
+            out.prompt_top_logprobs = tops[out.index]
+
+
+# ---- sampling / greedy decoding ------------------------------------------------------------------
+
+class _Row:
+    """Decoding state of one output sequence."""
+
+    def __init__(self, index: int, prompt: list[int], params: SamplingParams, tokenizer: Any,
+                 skip_special_tokens: bool, want_text: bool) -> None:
+        self.index, self.prompt, self.params = index, prompt, params
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[dict[int, float]] = []
+        self.finish_reason: Optional[str] = None
+        self.stop_reason: Optional[Union[str, int]] = None
+        self.detok = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens) if want_text else None
+        self.matcher = StopStringMatcher(params.stop_strings) if want_text else None
+        self.shown = ""  # text cleared by the stop matcher
+        self.read = 0  # how much of `shown` a streaming consumer has taken
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def add_text(self, delta: str) -> None:
+        safe, stopped = self.matcher.push(delta)
+        self.shown += safe
+        if stopped:
+            self.finish("stop", self.matcher.stop_string)
+
+    def finish(self, reason: str, stop_reason: Optional[Union[str, int]] = None) -> None:
+        if self.done:
+            return
+        if self.detok is not None and not self.matcher.stopped:
+            # Ended for another reason: release the held-back text (which may itself complete a stop string).
+            safe, stopped = self.matcher.push(self.detok.flush())
+            self.shown += safe
+            if stopped:
+                reason, stop_reason = "stop", self.matcher.stop_string
+            else:
+                self.shown += self.matcher.flush()
+        self.finish_reason, self.stop_reason = reason, stop_reason
+
+    def pop_delta(self) -> str:
+        delta = self.shown[self.read:]
+        self.read = len(self.shown)
+        return delta
+
+
+class _SamplingRun:
+    """Greedy or sampled decoding of a batch of prompts (each repeated num_return_sequences times)."""
+
+    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, tokenizer: Any,
+                 skip_special_tokens: bool, want_deltas: bool = False) -> None:
+        self.model, self.prompts, self.params, self.tokenizer = model, prompts, params, tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.eos = set(_default_eos(params, tokenizer, model))
+        want_text = want_deltas or bool(params.stop_strings)
+        n = params.num_return_sequences
+        self.rows = [_Row(i, p, params, tokenizer, skip_special_tokens, want_text) for i, p in enumerate(prompts)
+                     for _ in range(n)]
+        # One generator per row: seed, seed+1, ... for a prompt's sequences, so a prompt samples the same
+        # tokens whether it runs alone or in a batch. Without a seed the global RNG seeds them.
+        self.generators: list[Optional[torch.Generator]] = []
+        device = next(model.parameters()).device
+        for _ in prompts:
+            for j in range(n):
+                seed = params.seed + j if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+                self.generators.append(make_generator(seed, device) if not params.greedy else None)
+
+    def steps(self) -> Iterator[int]:
+        """Run the decode loop, yielding after each step (so `stream` can forward deltas)."""
+        model, params, rows = self.model, self.params, self.rows
+        device = next(model.parameters()).device
+        n_seq = params.num_return_sequences
+        pad_id = next(iter(self.eos), 0) if self.eos else 0
+        batch = _Batch(self.prompts, device, pad_id)
+        width = batch.width
+        cache_len = min(width + params.max_new_tokens, model.config.block_size)
+        want_logprobs = params.logprobs or params.top_logprobs > 0
+        with _BorrowedCache(model, len(rows), cache_len) as caches:
+            slots = torch.arange(width, device=device)
+            key_mask = batch.key_mask(cache_len)
+            n_prompts = len(self.prompts)
+            # Prefill each distinct prompt once, then fan its cache row out to its num_return_sequences rows.
+            logits = model(batch.input_ids, batch.positions(slots), cache_slots=slots,
+                           cache_rows=torch.arange(n_prompts, device=device) if n_seq > 1 else None,
+                           key_mask=key_mask[:n_prompts] if key_mask is not None else None, last_only=True)[:, -1]
+            if n_seq > 1:
+                fan_out = torch.arange(n_prompts, device=device).repeat_interleave(n_seq)
+                _copy_cache_rows(caches, fan_out, width)
+                logits = logits[fan_out]
+            pads = batch.pads.repeat_interleave(n_seq) if batch.padded else None
+            if key_mask is not None and n_seq > 1:
+                key_mask = key_mask.repeat_interleave(n_seq, dim=0)
+            row_prompts = [r.prompt for r in rows]
+            for step in range(params.max_new_tokens):
+                generated = [r.tokens for r in rows]
+                processed = process_logits(logits.float(), [params] * len(rows), generated, prompts=row_prompts)
+                tokens = sample_next_token(processed, [params] * len(rows), self.generators).tolist()
+                if want_logprobs:
+                    logp = logits.float().log_softmax(-1)
+                    chosen = logp.gather(-1, torch.tensor(tokens, device=device)[:, None])[:, 0].tolist()
+                    tops = _top_alternatives(logp, params.top_logprobs) if params.top_logprobs else None
+                for i, (row, token) in enumerate(zip(rows, tokens)):
+                    if row.done:
+                        continue
+                    if token in self.eos and step >= params.min_new_tokens:
+                        row.finish("stop", token)
+                        continue
+                    row.tokens.append(token)
+                    if want_logprobs:
+                        row.logprobs.append(chosen[i])
+                        if tops is not None:
+                            row.top_logprobs.append(tops[i])
+                    if row.detok is not None:
+                        row.add_text(row.detok.push(token))
+                slot = width + step
+                if slot >= cache_len or step + 1 >= params.max_new_tokens:
+                    for row in rows:
+                        row.finish("length")
+                if all(r.done for r in rows):
+                    yield step
+                    break
+                yield step
+                next_ids = torch.tensor([r.tokens[-1] if r.tokens else pad_id for r in rows], device=device)[:, None]
+                slot_t = torch.tensor([slot], device=device)
+                positions = (slot_t[None, :] - pads[:, None]) if pads is not None else None
+                logits = model(next_ids, positions, cache_slots=slot_t, key_mask=key_mask, kv_len=slot + 1,
+                               last_only=True)[:, -1]
+
+    def run(self) -> Iterator[GenerationOutput]:
+        for _ in self.steps():
+            pass
+        for row in self.rows:
+            yield self._output(row)
+
+    def _output(self, row: _Row) -> GenerationOutput:
+        params = self.params
+        if row.detok is not None:
+            text = row.shown
+        elif self.tokenizer is not None:
+            text = self.tokenizer.decode(row.tokens, skip_special_tokens=self.skip_special_tokens)
+        else:
+            text = ""
+        want = params.logprobs or params.top_logprobs > 0
+        return GenerationOutput(index=row.index, text=text, token_ids=row.tokens, finish_reason=row.finish_reason,
+                                prompt_token_ids=row.prompt, stop_reason=row.stop_reason,
+                                logprobs=row.logprobs if want else None,
+                                top_logprobs=row.top_logprobs if params.top_logprobs else None)
+
+
+# ---- beam search -------------------------------------------------------------------------------
+
+def _beam_search(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, tokenizer: Any,
+                 skip_special_tokens: bool) -> list[GenerationOutput]:
+    """Beam search with the scoring, length penalty and early stopping of `transformers` (v4.50+)."""
+    device = next(model.parameters()).device
+    n_prompts, beams = len(prompts), params.num_beams
+    eos = _default_eos(params, tokenizer, model)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    pad_id = eos[0] if eos else 0
+    batch = _Batch(prompts, device, pad_id)
+    width = batch.width
+    max_new = min(params.max_new_tokens, model.config.block_size - width)
+    cache_len = width + max_new
+    keep = max(2, 1 + len(eos)) * beams  # enough candidates that num_beams stay open even if many end
+    top_beam_mask = torch.arange(keep, device=device) < beams
+    neg = -1.0e9
+    lp = params.length_penalty
+    running = torch.zeros(n_prompts, beams, max_new, dtype=torch.long, device=device)
+    running_scores = torch.zeros(n_prompts, beams, device=device)
+    running_scores[:, 1:] = neg  # only the first beam is live at the start, so beams do not duplicate
+    finished = torch.zeros(n_prompts, beams, max_new, dtype=torch.long, device=device)
+    finished_scores = torch.full((n_prompts, beams), neg, device=device)
+    finished_lengths = torch.zeros(n_prompts, beams, dtype=torch.long, device=device)
+    finished_eos = torch.zeros(n_prompts, beams, dtype=torch.bool, device=device)
+    is_finished = torch.zeros(n_prompts, beams, dtype=torch.bool, device=device)
+    improvable = torch.ones(n_prompts, 1, dtype=torch.bool, device=device)
+    offsets = (torch.arange(n_prompts, device=device) * beams)[:, None]
+    row_params = [params] * (n_prompts * beams)
+    row_prompts = [p for p in prompts for _ in range(beams)]
+    with _BorrowedCache(model, n_prompts * beams, cache_len) as caches:
+        slots = torch.arange(width, device=device)
+        key_mask = batch.key_mask(cache_len)
+        logits = model(batch.input_ids, batch.positions(slots), cache_slots=slots,
+                       cache_rows=torch.arange(n_prompts, device=device), key_mask=key_mask, last_only=True)[:, -1]
+        fan_out = torch.arange(n_prompts, device=device).repeat_interleave(beams)
+        _copy_cache_rows(caches, fan_out, width)
+        logits = logits[fan_out]
+        pads = batch.pads.repeat_interleave(beams) if batch.padded else None
+        if key_mask is not None:
+            key_mask = key_mask.repeat_interleave(beams, dim=0)
+        for step in range(max_new):
+            logp = logits.float().log_softmax(-1)
+            generated = running[:, :, :step].reshape(n_prompts * beams, step).tolist()
+            logp = process_logits(logp, row_params, generated, prompts=row_prompts)
+            vocab = logp.shape[-1]
+            total = (logp.view(n_prompts, beams, vocab) + running_scores[:, :, None]).view(n_prompts, -1)
+            top_scores, top_index = total.topk(keep, dim=-1)  # (P, keep)
+            source_beam = top_index // vocab
+            top_tokens = top_index % vocab
+            top_seqs = running.gather(1, source_beam[:, :, None].expand(-1, -1, max_new)).clone()
+            top_seqs[:, :, step] = top_tokens
+            ends_eos = torch.isin(top_tokens, eos_t) if eos else torch.zeros_like(top_tokens, dtype=torch.bool)
+            if step < params.min_new_tokens:
+                ends_eos = torch.zeros_like(ends_eos)
+            hits = ends_eos | (step + 1 >= max_new)
+            # Next running beams: the best candidates that did not just finish.
+            open_scores = top_scores + hits.float() * neg
+            chosen = open_scores.topk(beams, dim=-1).indices
+            running = top_seqs.gather(1, chosen[:, :, None].expand(-1, -1, max_new))
+            running_scores = open_scores.gather(1, chosen)
+            parent = source_beam.gather(1, chosen)
+            # Finished hypotheses: only candidates ranked within the top num_beams may enter.
+            just_done = hits & top_beam_mask[None, :]
+            done_scores = top_scores / ((step + 1) ** lp)
+            full = is_finished.all(-1, keepdim=True) & (params.early_stopping is True)
+            done_scores = done_scores + full.float() * neg + (~improvable).float() * neg + (~just_done).float() * neg
+            merged_scores = torch.cat((finished_scores, done_scores), 1)
+            pick = merged_scores.topk(beams, dim=-1).indices
+            finished = torch.cat((finished, top_seqs), 1).gather(1, pick[:, :, None].expand(-1, -1, max_new))
+            finished_scores = merged_scores.gather(1, pick)
+            new_lengths = torch.full_like(top_tokens, step + 1) - ends_eos.long()  # length without the EOS
+            finished_lengths = torch.cat((finished_lengths, new_lengths), 1).gather(1, pick)
+            finished_eos = torch.cat((finished_eos, ends_eos), 1).gather(1, pick)
+            is_finished = torch.cat((is_finished, just_done), 1).gather(1, pick)
+            # Early stopping: can any open beam still beat the worst finished one?
+            if params.early_stopping == "never" and lp > 0.0:
+                best_length = max_new
+            else:
+                best_length = step + 1
+            best_possible = running_scores[:, :1] / (best_length ** lp)
+            worst_done = torch.where(is_finished, finished_scores.min(-1, keepdim=True).values,
+                                     torch.full_like(finished_scores, neg))
+            improvable = improvable & (best_possible > worst_done).any(-1, keepdim=True)
+            all_full = bool(is_finished.all()) and params.early_stopping is True
+            if not bool(improvable.any()) or all_full or bool(hits.all()):
+                break
+            _copy_cache_rows(caches, (parent + offsets).reshape(-1), width + step)
+            slot = width + step
+            slot_t = torch.tensor([slot], device=device)
+            positions = (slot_t[None, :] - pads[:, None]) if pads is not None else None
+            next_ids = running[:, :, step].reshape(-1, 1)
+            logits = model(next_ids, positions, cache_slots=slot_t, key_mask=key_mask, kv_len=slot + 1,
+                           last_only=True)[:, -1]
+    outputs = []
+    for p in range(n_prompts):
+        for b in range(params.num_return_sequences):
+            n = int(finished_lengths[p, b])
+            tokens = finished[p, b, :n].tolist()
+            ended_eos = bool(finished_eos[p, b])
+            text = tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens) if tokenizer is not None else ""
+            stop_reason: Optional[Union[str, int]] = int(finished[p, b, n]) if ended_eos else None
+            finish_reason = "stop" if ended_eos else "length"
+            if params.stop_strings:
+                matcher = StopStringMatcher(params.stop_strings)
+                cut, stopped = matcher.push(text)
+                if stopped:
+                    text, finish_reason, stop_reason = cut, "stop", matcher.stop_string
+            outputs.append(GenerationOutput(index=p, text=text, token_ids=tokens, finish_reason=finish_reason,
+                                            prompt_token_ids=prompts[p], stop_reason=stop_reason,
+                                            score=float(finished_scores[p, b])))
+    return outputs
+
+
+__all__ = ["generate", "stream", "score_tokens", "GenerationOutput", "SamplingParams", "normalize_prompts"]

@@ -1,0 +1,94 @@
+"""Thin HTTP routes: parse, call `OpenAIServing`, return JSON or a server-sent event stream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+
+from .errors import APIError
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                       DetokenizeRequest, DetokenizeResponse, ModelList, TokenizeRequest, TokenizeResponse,
+                       TokenizerInfo)
+
+router = APIRouter()
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _serving(request: Request):
+    state = request.app.state.server
+    if state.serving is None:
+        raise APIError(503, "model is still loading", code="loading", headers={"Retry-After": "5"})
+    return state.serving
+
+
+def _key_id(request: Request) -> str:
+    return getattr(request.state, "key_id", None) or "anonymous"
+
+
+def _reply(result: Any) -> Response:
+    if isinstance(result, dict):
+        return JSONResponse(result)
+    return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.get("/health", tags=["operations"])
+async def health(request: Request) -> Response:
+    """200 when the model is loaded and the engine runs; 503 while loading or shutting down."""
+    state = request.app.state.server
+    if state.serving is None:
+        return JSONResponse({"status": "loading" if state.load_error is None else "failed"}, status_code=503)
+    return JSONResponse({"status": "ok", "running": state.engine.num_running, "waiting": state.engine.num_waiting})
+
+
+@router.get("/metrics", tags=["operations"])
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    m = request.app.state.server.metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["openai"])
+async def list_models(request: Request) -> Response:
+    return JSONResponse(_serving(request).models())
+
+
+@router.get("/v1/models/{model_id:path}", tags=["openai"])
+async def get_model(model_id: str, request: Request) -> Response:
+    serving = _serving(request)
+    serving._check_model(model_id)
+    return JSONResponse(serving.models()["data"][0])
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, tags=["openai"])
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    request.state.user = body.user
+    return _reply(await _serving(request).completion(body, request, _key_id(request)))
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["openai"])
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    request.state.user = body.user
+    return _reply(await _serving(request).chat(body, request, _key_id(request)))
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, tags=["tokenizer"])
+async def tokenize(body: TokenizeRequest, request: Request) -> Response:
+    return JSONResponse(_serving(request).tokenize(body))
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, tags=["tokenizer"])
+async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
+    return JSONResponse(_serving(request).detokenize(body))
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfo, tags=["tokenizer"])
+async def tokenizer_info(request: Request) -> Response:
+    return JSONResponse(_serving(request).tokenizer_info())
+
+
+@router.get("/", include_in_schema=False)
+async def chat_page(request: Request) -> Response:
+    return FileResponse(request.app.state.server.static_dir / "index.html")

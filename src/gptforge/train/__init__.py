@@ -1,0 +1,21 @@
+"""Training: the one loop (`loop.train`), schedules, AdamW, distributed wrappers and the pretraining recipe.
+
+Submodules are imported on use, so `gptforge.train.lora` (fine-tuning) loads without pulling in the rest.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"TrainConfig": "loop", "TrainResult": "loop", "train": "loop", "pretrain": "pretrain",
+            "Recipe": "pretrain", "load_recipe": "pretrain"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

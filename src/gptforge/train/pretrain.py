@@ -1,0 +1,217 @@
+"""Pretraining recipes: YAML (model / data / train sections) + dotted overrides -> a trained run folder.
+
+    recipe = load_recipe("configs/shakespeare-char.yaml", ["--train.max_steps=100"])
+    run_dir = pretrain(recipe)              # or pretrain("configs/x.yaml", overrides=[...], resume=True)
+    model = GPT.from_pretrained(run_dir / "model")
+
+Sections:
+    model:  `preset` (a Config preset name), `init_from` (a model folder to continue from), and any
+            `Config` field; vocab_size defaults to the tokenizer's, block_size to data.seq_len.
+    data:   `DataConfig` below (sources are prepared into token shards once, then reused).
+    train:  `gptforge.train.loop.TrainConfig`.
+    out_dir: the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from ..config import Config, ConfigError, apply_overrides, dataclass_from_dict, load_yaml
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """Where pretraining text comes from and how it is cut into windows (the `data:` section)."""
+
+    sources: list[str] = field(default_factory=list)  # files, folders, globs, .jsonl/.parquet, stdlib, hf:NAME
+    dir: Optional[str] = None  # prepared corpus folder (default: <out_dir>/data); used as-is when sources is empty
+    tokenizer: str = "bpe"  # bpe | char | path to a tokenizer.json or folder
+    vocab_size: int = 8192  # for bpe
+    val_fraction: float = 0.1
+    split: str = "tail"  # tail | documents
+    text_field: str = "text"
+    on_decode_error: str = "fail"  # fail | skip
+    max_bytes: Optional[int] = None  # read at most this much text (quick demos)
+    dtype: str = "auto"  # token dtype on disk: auto | uint16 | uint32
+    seq_len: int = 256  # tokens per training window
+    batch_size: int = 16  # windows per micro-batch and rank
+    eval_tokens: int = 200_000  # validation tokens per evaluation (fixed windows, evenly spread)
+    eval_batch_size: int = 0  # 0: batch_size
+
+
+@dataclass
+class Recipe:
+    """A complete pretraining recipe."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: Any = None  # TrainConfig (imported lazily: it pulls in torch)
+    out_dir: str = "runs/pretrain"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dict(self.model), "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train), "out_dir": self.out_dir}
+
+
+RECIPE_SECTIONS = ("model", "data", "train", "out_dir")
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Build a Recipe from a mapping; unknown sections or fields raise ConfigError naming them."""
+    from .loop import TrainConfig
+
+    unknown = sorted(set(data) - set(RECIPE_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {list(RECIPE_SECTIONS)}")
+    model = dict(data.get("model") or {})
+    data_cfg = dataclass_from_dict(DataConfig, dict(data.get("data") or {}), f"{source}: data")
+    if isinstance(data_cfg.sources, str):
+        data_cfg.sources = [data_cfg.sources]
+    train_cfg = dataclass_from_dict(TrainConfig, dict(data.get("train") or {}), f"{source}: train")
+    try:
+        train_cfg.validate()
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    recipe = Recipe(model=model, data=data_cfg, train=train_cfg, out_dir=str(data.get("out_dir", "runs/pretrain")))
+    model_config(recipe, vocab_size=model.get("vocab_size", 256), source=source)  # validate field names early
+    return recipe
+
+
+def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
+    """Load a YAML recipe (or start from defaults when `path` is None) and apply `section.key=value` overrides."""
+    data = load_yaml(path) if path is not None else {}
+    apply_overrides(data, list(overrides))
+    return recipe_from_dict(data, source=str(path or "recipe"))
+
+
+def model_config(recipe: Recipe, vocab_size: int, source: str = "recipe") -> Config:
+    """The model Config of a recipe: preset, then explicit fields; vocab and context filled from the data."""
+    fields = dict(recipe.model)
+    fields.pop("init_from", None)
+    preset = fields.pop("preset", None)
+    base: dict[str, Any] = {}
+    if preset is not None:
+        from ..config import PRESETS
+
+        if preset not in PRESETS:
+            raise ConfigError(f"{source}: model.preset {preset!r} is not a preset; available: {sorted(PRESETS)}")
+        base = {**PRESETS[preset], "name": preset}
+    merged = {**base, **fields}
+    merged.setdefault("vocab_size", vocab_size)
+    merged.setdefault("block_size", recipe.data.seq_len)
+    config = Config.from_dict(merged, source=f"{source}: model")
+    if config.block_size < recipe.data.seq_len:
+        raise ConfigError(f"{source}: data.seq_len ({recipe.data.seq_len}) exceeds model.block_size "
+                          f"({config.block_size})")
+    if config.vocab_size < vocab_size:
+        raise ConfigError(f"{source}: model.vocab_size ({config.vocab_size}) is smaller than the tokenizer's "
+                          f"vocabulary ({vocab_size})")
+    return config
+
+
+def prepare_data(recipe: Recipe, progress: bool = True) -> Any:
+    """Prepare (or reuse) the recipe's token shards; returns the PreparedCorpus."""
+    from ..data.shards import load_prepared, prepare_corpus
+
+    d = recipe.data
+    folder = Path(d.dir) if d.dir else Path(recipe.out_dir) / "data"
+    if not d.sources:
+        if d.dir is None:
+            raise ConfigError("recipe: set data.sources (files, folders, globs, stdlib, hf:NAME) or data.dir "
+                              "(a folder written by `gptforge prepare`)")
+        return load_prepared(folder)
+    return prepare_corpus(d.sources, folder, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
+                          val_fraction=d.val_fraction, split=d.split, text_field=d.text_field,
+                          on_decode_error=d.on_decode_error, dtype=d.dtype, max_bytes=d.max_bytes,
+                          progress=progress)
+
+
+def pretrain(recipe: Recipe | str | Path | dict[str, Any], *, overrides: Sequence[str] = (),
+             resume: bool = False) -> Path:
+    """Run a pretraining recipe end to end and return the run folder.
+
+    `recipe`: a Recipe, a YAML path, or a mapping with model/data/train/out_dir sections; `overrides`
+    are `section.key=value` strings applied on top. The run folder holds config.yaml, metrics.jsonl,
+    loss_curve.png, checkpoints/, model/ (final, with tokenizer; `GPT.from_pretrained` loads it),
+    best/ (best validation loss) and result.json (steps, losses, best metric, `interrupted`).
+    `resume=True` continues exactly from the last checkpoint. Works under `torchrun` (DDP, or FSDP2 with train.parallel=fsdp).
+    """
+    import torch
+
+    from ..atomic import atomic_write_text
+    from ..data.loader import TokenWindowLoader, evaluate_split
+    from ..model import GPT
+    from . import distributed as D
+    from .loop import train
+
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe, overrides)
+    elif isinstance(recipe, dict):
+        recipe = recipe_from_dict(apply_overrides(json.loads(json.dumps(recipe)), list(overrides)))
+    elif overrides:
+        recipe = recipe_from_dict(apply_overrides(recipe.to_dict(), list(overrides)))
+    cfg = recipe.train
+    run_dir = Path(recipe.out_dir)
+    info = D.init_distributed(cfg.device)
+    try:
+        # Rank 0 tokenizes; the others wait and then open the same folder.
+        corpus = prepare_data(recipe, progress=cfg.progress) if info.is_main else None
+        D.barrier(info)
+        if corpus is None:
+            from ..data.shards import load_prepared
+
+            corpus = load_prepared(Path(recipe.data.dir) if recipe.data.dir else run_dir / "data")
+        tokenizer = corpus.tokenizer
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
+        init_from = recipe.model.get("init_from")
+        if init_from:
+            model = GPT.from_pretrained(init_from)
+            if model.config.vocab_size < tokenizer.vocab_size:
+                raise ConfigError(f"model.init_from {init_from}: vocab_size {model.config.vocab_size} is smaller "
+                                  f"than the corpus tokenizer's ({tokenizer.vocab_size})")
+        else:
+            model = GPT(model_config(recipe, tokenizer.vocab_size))
+        model.tokenizer = tokenizer
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            resolved = recipe.to_dict()
+            resolved["model"] = {**model.config.to_dict(), **({"init_from": init_from} if init_from else {})}
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+            log.info("model: %s parameters; corpus: %d train / %d val tokens", f"{model.num_params():,}",
+                     corpus.num_tokens("train"), corpus.num_tokens("val"))
+        d = recipe.data
+        loader = TokenWindowLoader(corpus, "train", d.batch_size, d.seq_len, seed=cfg.seed, rank=info.rank,
+                                   world_size=info.world_size)
+        evaluate = None
+        if corpus.num_tokens("val") > d.seq_len:
+            def evaluate(m: torch.nn.Module) -> dict[str, float]:
+                return evaluate_split(m, corpus, "val", d.seq_len, d.eval_batch_size or d.batch_size,
+                                      d.eval_tokens or None)
+        elif info.is_main:
+            log.warning("no validation split (data.val_fraction=%s): no val_loss, early stopping or best/",
+                        d.val_fraction)
+        result = train(model, cfg, loader, run_dir, evaluate=evaluate, resume=resume, run_config=recipe.to_dict())
+        if info.is_main:
+            summary = {"steps": result.steps, "tokens": result.tokens, "last_loss": result.last_loss,
+                       "metrics": result.metrics, "best_metric": result.best_metric, "best_step": result.best_step,
+                       "stopped_early": result.stopped_early, "interrupted": result.interrupted,
+                       "parameters": model.num_params()}
+            atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=2))
+        if result.interrupted and info.is_main:
+            log.warning("training interrupted at step %d; checkpoint written to %s (continue with --resume)",
+                        result.steps, run_dir / "checkpoints")
+        return run_dir
+    finally:
+        D.shutdown(info)
+
+
+__all__ = ["DataConfig", "Recipe", "load_recipe", "recipe_from_dict", "model_config", "prepare_data", "pretrain"]

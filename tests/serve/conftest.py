@@ -1,0 +1,154 @@
+"""Fixtures: a tiny model + byte-level tokenizer on disk, the real `gptforge serve` CLI in a subprocess,
+and in-process uvicorn servers (with a deliberately slowed model) for queueing/cancel/timeout tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from gptforge.config import Config
+from gptforge.model import GPT
+from gptforge.tokenizer import Tokenizer
+
+API_KEY = "sk-test-0123456789"
+MODEL_NAME = "tiny-chat"
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. ",
+    "Hello world! {\"name\": \"fox\", \"age\": 3, \"tags\": [\"a\", \"b\"]} ",
+    "Once upon a time there was a tiny model that served requests over HTTP. ",
+    "0123456789 + - * / = ( ) [ ] { } : , . ; ' \" ",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server at {base} not healthy after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama-style model with a byte-level BPE tokenizer, saved with save_pretrained."""
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.train_bpe(CORPUS * 20, vocab_size=320)
+    config = Config(name="tiny", family="llama", vocab_size=tokenizer.vocab_size, block_size=128, n_layer=2,
+                    n_head=4, n_embd=64, pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+    model = GPT(config)
+    path = tmp_path_factory.mktemp("serve") / MODEL_NAME
+    model.save_pretrained(path, tokenizer=tokenizer)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_model(model_dir):
+    """The same model in-process, for checking the server's numbers."""
+    model = GPT.from_pretrained(model_dir).eval()
+    return model, model.tokenizer
+
+
+class CLIServer:
+    def __init__(self, proc: subprocess.Popen, base: str, log_path: Path) -> None:
+        self.proc, self.base, self.log_path = proc, base, log_path
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """`gptforge serve` as a real process on 127.0.0.1 (API key required)."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
+    env = {**os.environ, "GPTFORGE_API_KEYS": "sk-env-key", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "gptforge.cli", "serve", "--model", str(model_dir), "--port", str(port),
+           "--api-key", API_KEY, "--max-concurrency", "8", "--max-queue", "64", "--max-body-bytes", "65536",
+           "--threads", "1", "--redact-pii", "logs", "--graceful-timeout", "20"]
+    log_file = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc=proc)
+        yield CLIServer(proc, base, log_path)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log_file.close()
+
+
+class InProcessServer:
+    """uvicorn in a thread around `create_app` (lets a test slow the model or read the logs)."""
+
+    def __init__(self, app, port: int) -> None:
+        import uvicorn
+
+        self.app = app
+        self.base = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    access_log=False, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "InProcessServer":
+        self.thread.start()
+        wait_healthy(self.base)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def start_server(model_dir):
+    """Factory: `start_server(options, step_delay=0.0)` -> running InProcessServer (stopped at module end)."""
+    from gptforge.serve.app import create_app
+
+    started = []
+
+    def start(options, step_delay: float = 0.0) -> InProcessServer:
+        def loader():
+            model = GPT.from_pretrained(model_dir).eval()
+            if step_delay:
+                forward = model.forward
+
+                def slow_forward(*args, **kwargs):  # makes generation long enough to interrupt
+                    time.sleep(step_delay)
+                    return forward(*args, **kwargs)
+
+                model.forward = slow_forward
+            return model, model.tokenizer
+
+        srv = InProcessServer(create_app(loader, options), free_port()).__enter__()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.__exit__()

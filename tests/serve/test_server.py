@@ -1,0 +1,301 @@
+"""The real `gptforge serve` process driven by the official `openai` client (and raw HTTP for errors)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+API_KEY = "sk-test-0123456789"  # as configured by conftest.server
+MODEL_NAME = "tiny-chat"  # the model directory's name
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def greedy_reference(model, ids: list[int], n: int, stop_ids: list[int]) -> list[int]:
+    """Greedy decoding with full recomputation (no cache, no batching): what the engine must reproduce."""
+    ids = list(ids)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([ids]))[0, -1].argmax())
+            out.append(token)
+            if token in stop_ids:
+                break
+            ids.append(token)
+    return out
+
+
+def test_health_models_and_auth(server, client):
+    assert httpx.get(f"{server.base}/health").json()["status"] == "ok"  # /health needs no key
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL_NAME]
+    for path in ("/v1/models", "/metrics", "/tokenizer_info", "/docs", "/openapi.json", "/v1/nowhere"):
+        r = httpx.get(f"{server.base}{path}")
+        assert r.status_code == 401, path
+        assert r.json()["error"]["type"] == "authentication_error"
+    r = httpx.get(f"{server.base}/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["message"] == "invalid API key"
+    # keys from the environment work too
+    assert httpx.get(f"{server.base}/v1/models", headers={"Authorization": "Bearer sk-env-key"}).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.base}/v1", api_key="nope", max_retries=0).models.list()
+    assert httpx.get(f"{server.base}/openapi.json", headers=AUTH).json()["paths"]["/v1/completions"]
+
+
+def test_greedy_completion_matches_the_model(server, client, reference_model):
+    model, tok = reference_model
+    prompt = "The quick brown"
+    res = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0)
+    choice = res.choices[0]
+    expected = greedy_reference(model, tok.encode(prompt), 12, tok.stop_token_ids())
+    text_ids = [t for t in expected if t not in tok.stop_token_ids()]
+    assert choice.text == tok.decode(text_ids)
+    assert choice.finish_reason == ("stop" if len(expected) < 12 or expected[-1] in tok.stop_token_ids() else "length")
+    assert res.usage.prompt_tokens == len(tok.encode(prompt))
+    assert res.usage.completion_tokens == len(expected)
+    assert res.usage.total_tokens == res.usage.prompt_tokens + res.usage.completion_tokens
+
+
+def test_prompt_forms_n_and_seed(client, reference_model):
+    _, tok = reference_model
+    ids = tok.encode("Hello world")
+    for prompt in (["Hello world", "Once upon"], [ids, tok.encode("Once upon")]):
+        res = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=5, n=2, temperature=1.0, seed=7)
+        assert sorted(c.index for c in res.choices) == [0, 1, 2, 3]
+        assert res.usage.prompt_tokens == len(ids) + len(tok.encode("Once upon"))
+    # a token-id prompt is used as given and gives the same result as its text
+    a = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=6, temperature=0.8, seed=3)
+    b = client.completions.create(model=MODEL_NAME, prompt="Hello world", max_tokens=6, temperature=0.8, seed=3)
+    assert a.choices[0].text == b.choices[0].text
+    # the seed makes sampling reproducible; different choices of one request differ in their seeds
+    c = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=6, temperature=0.8, seed=3, n=2)
+    assert c.choices[0].text == a.choices[0].text
+
+
+def test_stop_strings(client):
+    full = client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=16,
+                                     temperature=0).choices[0].text
+    visible = full.strip()
+    assert len(visible) >= 4, full
+    stop = visible[2:4]
+    res = client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=16, temperature=0,
+                                    stop=[stop, "never-appears"])
+    assert res.choices[0].finish_reason == "stop"
+    assert res.choices[0].text == full[:full.index(stop)]
+
+
+def test_echo_logprobs_match_the_model(client, reference_model):
+    """lm-evaluation-harness's log-likelihood request: token ids, echo, logprobs=1, max_tokens=1."""
+    model, tok = reference_model
+    ids = tok.encode("The quick brown fox jumps")
+    res = client.completions.create(model=MODEL_NAME, prompt=[ids], max_tokens=1, temperature=0, echo=True,
+                                    logprobs=1)
+    lp = res.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert len(lp.token_logprobs) == len(ids) + 1
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    for t in range(1, len(ids)):
+        assert math.isclose(lp.token_logprobs[t], float(expected[t - 1, ids[t]]), abs_tol=1e-4)
+        assert max(lp.top_logprobs[t].values()) == pytest.approx(float(expected[t - 1].max()), abs=1e-4)
+    assert lp.tokens[: len(ids)] == [tok.decode([i]) for i in ids]
+    assert res.choices[0].text.startswith(tok.decode(ids))
+    # echo with max_tokens=0 returns only the prompt
+    res0 = client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=0, echo=True, logprobs=0)
+    assert res0.choices[0].text == "Hello" and res0.usage.completion_tokens == 0
+
+
+def test_streaming_completion_with_usage(client):
+    kwargs = dict(model=MODEL_NAME, prompt="Once upon a time", max_tokens=20, temperature=0)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [whole.choices[0].finish_reason]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_chat_nonstreaming_streaming_n_and_logprobs(client, reference_model):
+    _, tok = reference_model
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    res = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_completion_tokens=10,
+                                         temperature=0, logprobs=True, top_logprobs=3)
+    choice = res.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert res.usage.prompt_tokens == len(tok.apply_chat_template(messages, tokenize=True))
+    content = choice.logprobs.content
+    assert len(content) == res.usage.completion_tokens
+    assert all(len(t.top_logprobs) >= 3 and t.logprob <= 0 for t in content)
+    assert all(t.logprob == pytest.approx(max(x.logprob for x in t.top_logprobs)) for t in content)  # greedy
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert chunks[-1].usage.total_tokens == res.usage.total_tokens
+    many = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, n=3, seed=1)
+    assert sorted(c.index for c in many.choices) == [0, 1, 2]
+    assert many.usage.completion_tokens >= 3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_json_object_response_format_parses(client, seed):
+    for max_tokens in (6, 24):
+        res = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Give JSON."}],
+                                             response_format={"type": "json_object"}, max_tokens=max_tokens,
+                                             temperature=1.0, seed=seed)
+        assert isinstance(json.loads(res.choices[0].message.content), dict)
+        assert res.usage.completion_tokens <= max_tokens
+
+
+def _post(server, path, body=None, content=None, headers=AUTH):
+    return httpx.post(f"{server.base}{path}", json=body, content=content,
+                      headers={**headers, "Content-Type": "application/json"}, timeout=30)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"temperature": 5}, "temperature"),
+    ({"n": 0}, "n"),
+    ({"top_p": 0}, "top_p"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"logprobs": 50}, "logprobs"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 500}}, "logit_bias"),
+    ({"prompt": [[1, 2], [99999]]}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"stop": 5}, "stop"),
+    ({"suffix": "x"}, "suffix"),
+    ({"max_tokens": 500}, "max_tokens"),
+])
+def test_invalid_parameters_are_400_naming_the_param(server, body, param):
+    r = _post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "hi", **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    assert param in err["message"] or err["code"] == "invalid_parameter"
+
+
+def test_error_statuses(server, client):
+    # missing required field -> 400 naming it
+    r = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = _post(server, "/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "wizard", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+    r = _post(server, "/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}],
+                                               "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    # unknown model -> 404 (the openai client's NotFoundError)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-9", prompt="hi", max_tokens=1)
+    assert info.value.body["param"] == "model"
+    # unknown route -> 404 in OpenAI shape; wrong method -> 405
+    r = httpx.get(f"{server.base}/v1/engines", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    assert httpx.get(f"{server.base}/v1/completions", headers=AUTH).status_code == 405
+    # body too large -> 413 (Content-Length and chunked)
+    big = json.dumps({"model": MODEL_NAME, "prompt": "x" * 70000})
+    r = _post(server, "/v1/completions", content=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():
+        for _ in range(20):
+            yield b" " * 5000
+
+    r = httpx.post(f"{server.base}/v1/completions", content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413
+    # malformed JSON -> 422; a JSON non-object -> 422
+    r = _post(server, "/v1/completions", content=b'{"model": "tiny-chat", "prompt": ')
+    assert r.status_code == 422 and r.json()["error"]["code"] == "json_invalid"
+    # prompt longer than the context -> 400 with the lengths
+    r = _post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": list(range(10, 140)), "max_tokens": 1})
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert "128" in message and "130 in the prompt" in message
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "fox " * 200}])
+
+
+def test_tokenizer_endpoints_work_with_lm_eval_remote_tokenizer(server, reference_model):
+    from lm_eval.utils import RemoteTokenizer, check_remote_tokenizer_support
+
+    _, tok = reference_model
+    text = "Hello world! The quick fox."
+    r = _post(server, "/tokenize", {"prompt": text})
+    assert r.json()["tokens"] == tok.encode(text) and r.json()["count"] == len(tok.encode(text))
+    assert _post(server, "/detokenize", {"tokens": tok.encode(text)}).json()["prompt"] == text
+    assert _post(server, "/detokenize", {"tokens": [10**6]}).json()["error"]["param"] == "tokens"
+    base = f"{server.base}/v1/completions"
+    assert check_remote_tokenizer_support(base, auth_token=API_KEY)
+    remote = RemoteTokenizer(base, auth_token=API_KEY)
+    assert remote.encode(text) == tok.encode(text)
+    assert remote.decode(tok.encode(text)) == text
+    assert remote.eos_token == tok.eos_token and remote.eos_token_id == tok.eos_token_id
+    assert remote.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_32_concurrent_requests_all_succeed_and_match_sequential(server, client):
+    prompts = [f"Once upon a time {i}" for i in range(32)]
+
+    def run(prompt):
+        return client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=16, temperature=0)
+
+    sequential = {p: run(p).choices[0].text for p in prompts[:4]}
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(run, prompts))
+    assert len(results) == 32 and all(r.usage.completion_tokens >= 1 for r in results)
+    # batched decoding (cache rows, other requests joining mid-way) gives the same greedy text
+    for p, r in zip(prompts[:4], results[:4]):
+        assert r.choices[0].text == sequential[p]
+    metrics = httpx.get(f"{server.base}/metrics", headers=AUTH).text
+    assert re.search(r'gptforge_requests_total\{route="/v1/completions",status="200"\} (\d+)', metrics)
+    for name in ("gptforge_time_to_first_token_seconds_bucket", "gptforge_inter_token_latency_seconds_bucket",
+                 "gptforge_request_latency_seconds_bucket", "gptforge_queue_time_seconds_bucket",
+                 "gptforge_requests_running", "gptforge_requests_waiting", "gptforge_prompt_tokens_total",
+                 "gptforge_generation_tokens_total"):
+        assert name in metrics, name
+    assert 'status="401"' in metrics and 'status="413"' in metrics
+
+
+def test_access_logs_are_json_with_request_ids_and_no_secrets(server):
+    r = _post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2,
+                                          "user": "alice@example.com"}, headers={**AUTH, "X-Request-ID": "req-42"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
+    lines = [json.loads(line) for line in server.log.splitlines() if line.startswith("{")]
+    entry = next(e for e in lines if e.get("request_id") == "req-42")
+    assert entry["status"] == 200 and entry["path"] == "/v1/completions" and entry["prompt_tokens"] >= 1
+    assert entry["user"] == "[EMAIL]" and entry["key_id"]
+    assert API_KEY not in server.log and "sk-env-key" not in server.log and "alice@example.com" not in server.log
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(server):
+    """SIGTERM while a stream is running: the stream still completes with [DONE], then the process exits."""
+    body = {"model": MODEL_NAME, "prompt": "Once", "max_tokens": 100, "n": 8, "temperature": 1.0, "stream": True,
+            "seed": 0}
+    events = []
+    with httpx.stream("POST", f"{server.base}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        events.append(first)
+        server.proc.send_signal(signal.SIGTERM)
+        events += [line for line in lines if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert sum('"finish_reason":"length"' in e or '"finish_reason": "length"' in e for e in events) + \
+        sum('"finish_reason": "stop"' in e for e in events) == 8
+    # uvicorn re-raises the captured SIGTERM after its graceful shutdown, so the exit status is -SIGTERM
+    assert server.proc.wait(30) in (0, -signal.SIGTERM)
+    assert '"message": "server stopped"' in server.log

@@ -1,0 +1,143 @@
+"""Explainability: attention weights against `transformers` eager attention, log-probabilities, CLI report."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from gptforge import GPT, Tokenizer
+from gptforge.cli import main
+from gptforge.explain import attention_maps, explain, format_table, write_report
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_pair(kind, tmp_path):
+    """A tiny random HF model with eager attention and the same weights loaded into gptforge."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64, attn_implementation="eager")
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                      resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, attn_implementation="eager")
+        hf = transformers.GPT2LMHeadModel(cfg)
+    elif kind == "llama-gqa":
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, num_key_value_heads=2))
+    elif kind == "mistral-window":
+        hf = transformers.MistralForCausalLM(transformers.MistralConfig(**common, num_key_value_heads=1,
+                                                                        sliding_window=5))
+    else:
+        raise ValueError(kind)
+    hf.eval()
+    with torch.no_grad():  # move every weight off its 0/1 init so the comparison sees all of them
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path / kind)
+    return hf, GPT.from_pretrained(tmp_path / kind).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa", "mistral-window"])
+def test_attention_matches_transformers_eager(kind, tmp_path):
+    hf, ours = _hf_pair(kind, tmp_path)
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        ref = hf(ids, output_attentions=True)
+    logits, maps = attention_maps(ours, ids)
+    assert maps.shape == (2, 2, 4, 12, 12)  # (layer, batch, head, query, key)
+    for layer in range(2):
+        torch.testing.assert_close(maps[layer], ref.attentions[layer], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, ref.logits, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(maps.sum(-1), torch.ones(()), atol=1e-5)  # rows are distributions
+    assert torch.all(maps.triu(diagonal=1) == 0)  # causal: no weight on future keys
+
+
+def test_attention_hooks_are_removed(tmp_path):
+    _, ours = _hf_pair("gpt2", tmp_path)
+    attention_maps(ours, torch.randint(0, 97, (1, 5)))
+    assert all(not block.attn.qkv._forward_hooks for block in ours.blocks)
+
+
+@pytest.fixture
+def tiny_model():
+    texts = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"] * 20
+    tokenizer = Tokenizer.train_bpe(texts, vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT.from_config("llama-nano", vocab_size=tokenizer.vocab_size, block_size=64).eval()
+    model.tokenizer = tokenizer
+    return model, tokenizer
+
+
+def test_logprobs_alternatives_and_surprisal(tiny_model):
+    model, tokenizer = tiny_model
+    text = "def add(a, b): return a"
+    result = explain(model, text, top_k=4)
+    ids = tokenizer.encode(text)
+    assert [t.token_id for t in result.tokens] == ids
+    assert "".join(result.token_strings) == text
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids]))[0], dim=-1)
+    first = result.tokens[0]
+    assert first.logprob is None and first.surprisal_bits is None and first.rank is None
+    for t in result.tokens[1:]:
+        row = ref[t.position - 1]
+        assert t.logprob == pytest.approx(float(row[t.token_id]), abs=1e-5)
+        assert t.surprisal_bits == pytest.approx(-t.logprob / math.log(2), rel=1e-6)
+        assert t.rank == int((row > row[t.token_id]).sum()) + 1
+        assert [a.token_id for a in t.top_alternatives] == row.topk(4).indices.tolist()
+        assert [a.logprob for a in t.top_alternatives] == sorted((a.logprob for a in t.top_alternatives), reverse=True)
+    nll = -sum(t.logprob for t in result.tokens[1:]) / (len(ids) - 1)
+    assert result.perplexity == pytest.approx(math.exp(nll), rel=1e-6)
+    assert result.attentions.shape == (2, 4, len(ids), len(ids))
+    assert "perplexity" in format_table(result)
+
+
+def test_rank_one_for_the_argmax_token(tiny_model):
+    model, _ = tiny_model
+    with torch.no_grad():
+        best = int(model(torch.tensor([[5]]))[0, -1].argmax())
+    result = explain(model, [5, best], top_k=1)
+    assert result.tokens[1].rank == 1 and result.tokens[1].top_alternatives[0].token_id == best
+
+
+def test_bad_inputs_are_clear(tiny_model):
+    model, _ = tiny_model
+    with pytest.raises(ValueError, match="zero tokens"):
+        explain(model, "")
+    with pytest.raises(ValueError, match="more than the limit of 3"):
+        explain(model, "def add(a, b): return a + b", max_tokens=3)
+    with pytest.raises(ValueError, match="outside the model vocabulary"):
+        explain(model, [1, 10_000])
+    with pytest.raises(ValueError, match="top_k"):
+        explain(model, "def", top_k=-1)
+
+
+def test_report_files(tiny_model, tmp_path):
+    model, _ = tiny_model
+    result = explain(model, "import os\nprint(os)")
+    written = write_report(result, tmp_path / "out")
+    page = written["html"].read_text()
+    assert page.startswith("<!doctype html>") and "data:image/png;base64," in page
+    assert "src=\"http" not in page and "<link" not in page  # self-contained
+    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+    assert data["attention_shape"] == [2, 4, len(result.tokens), len(result.tokens)]
+    assert [p.name for p in written["attention_png"]] == ["layer_00.png", "layer_01.png"]
+    for path in [*written["attention_png"], written["surprisal_png"]]:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(written["json"].read_text())
+    assert saved["tokens"][1]["logprob"] == pytest.approx(result.tokens[1].logprob, abs=1e-6)
+
+
+def test_cli_explain(tiny_model, tmp_path, capsys):
+    model, tokenizer = tiny_model
+    model.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
+    out = tmp_path / "report"
+    assert main(["explain", "--model", str(tmp_path / "model"), "--text", "def add(a, b):",
+                 "--out", str(out), "--top-k", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "surprisal" in printed and "index.html" in printed
+    assert (out / "index.html").is_file() and (out / "attention" / "layer_01.png").is_file()
+    assert main(["explain", "--model", str(tmp_path / "model"), "--text", "def", "--out", str(out),
+                 "--top-k", "-1"]) == 2
+    assert "--top-k" in capsys.readouterr().err
+    assert main(["explain", "--model", str(tmp_path / "nope"), "--text", "x", "--out", str(out)]) == 2

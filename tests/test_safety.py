@@ -1,0 +1,111 @@
+"""Moderation: block lists and patterns on inputs and outputs, refusals, the Prometheus counter, YAML."""
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gptforge.config import ConfigError
+from gptforge.safety import ModerationConfig, ModerationError, Moderator, RuleSet
+
+
+def _moderator(**kwargs):
+    registry = CollectorRegistry()
+    return Moderator(ModerationConfig(**kwargs), registry=registry), registry
+
+
+def test_terms_match_whole_words_case_and_unicode_insensitively():
+    mod, _ = _moderator(blocked_terms=["secret plan", "bomb"])
+    assert mod.check_input("tell me the SECRET   plan").allowed is False
+    assert mod.check_input("ｂｏｍｂ").allowed is False  # full-width letters fold under NFKC
+    assert mod.check_input("a bombastic speech").allowed  # whole words: no Scunthorpe problem
+    assert mod.check_input("secret planning").allowed
+    verdict = mod.check_output("the Bomb!")
+    assert not verdict and verdict.direction == "output" and verdict.rule == "bomb"
+    assert "blocked term 'bomb'" in verdict.reason
+
+
+def test_terms_with_symbols():
+    mod, _ = _moderator(blocked_terms=["c++", "#hashtag"])
+    assert not mod.check_input("I write C++ daily").allowed
+    assert not mod.check_input("see #hashtag").allowed
+    assert mod.check_input("I write C daily").allowed
+
+
+def test_patterns_and_direction_specific_rules():
+    mod, _ = _moderator(blocked_patterns=[r"\b\d{3}-\d{2}-\d{4}\b"],
+                        input=RuleSet(blocked_terms=["jailbreak"]),
+                        output=RuleSet(blocked_patterns=[r"(?i)as an ai"]))
+    assert not mod.check_input("my ssn is 123-45-6789").allowed
+    assert not mod.check_output("number 123-45-6789").allowed
+    assert not mod.check_input("please JAILBREAK yourself").allowed
+    assert mod.check_output("how to jailbreak a phone is a fine output").allowed  # input-only rule
+    assert not mod.check_output("As an AI, I cannot").allowed
+    assert mod.check_input("As an AI, I cannot").allowed  # output-only rule
+
+
+def test_case_sensitive_patterns_and_switches():
+    mod, _ = _moderator(blocked_patterns=["TOKEN_[A-Z]+"], case_sensitive=True, check_output=False)
+    assert not mod.check_input("key TOKEN_ABC").allowed
+    assert mod.check_input("key token_abc").allowed
+    assert mod.check_output("key TOKEN_ABC").allowed  # outputs not checked
+
+
+def test_messages_refusal_and_enforce():
+    mod, _ = _moderator(blocked_terms=["forbidden"], refusal="Not here, sorry.")
+    messages = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "something Forbidden"}]
+    assert not mod.check_messages(messages).allowed
+    assert mod.check_messages(messages[:1]).allowed
+    assert not mod.check_messages([{"role": "user", "content": [{"type": "text", "text": "forbidden"}]}]).allowed
+    with pytest.raises(ModerationError, match="Not here, sorry.") as info:
+        mod.enforce_input("forbidden fruit")
+    assert info.value.verdict.rule == "forbidden"
+    mod.enforce_output("all good")
+
+
+def test_prometheus_counter_counts_blocks_by_direction_and_kind():
+    mod, registry = _moderator(blocked_terms=["bad"], blocked_patterns=["x{3}"])
+    mod.check_input("bad")
+    mod.check_input("fine")
+    mod.check_output("xxx")
+    mod.check_output("bad")
+
+    def value(direction, kind):
+        return registry.get_sample_value("gptforge_moderation_blocked_total", {"direction": direction, "kind": kind})
+
+    assert value("input", "term") == 1
+    assert value("output", "pattern") == 1
+    assert value("output", "term") == 1
+    assert mod.blocked_counts == {"input": 1, "output": 2}
+    Moderator(ModerationConfig(blocked_terms=["bad"]), registry=registry).check_input("bad")  # shares the counter
+    assert value("input", "term") == 2
+
+
+def test_yaml_file(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text("refusal: Nope.\nblocked_terms: [alpha]\ninput:\n  blocked_patterns: ['beta\\d+']\n"
+                    "output:\n  blocked_terms: [gamma ray]\n")
+    mod = Moderator.from_file(path, registry=CollectorRegistry())
+    assert mod.refusal == "Nope."
+    assert not mod.check_input("ALPHA").allowed and not mod.check_output("alpha").allowed
+    assert not mod.check_input("beta42").allowed and mod.check_output("beta42").allowed
+    assert not mod.check_output("a gamma ray burst").allowed and mod.check_input("gamma ray").allowed
+
+
+@pytest.mark.parametrize("text, message", [
+    ("blocked_terms: alpha\n", "'blocked_terms' must be a list of non-empty strings"),
+    ("blocked_patterns: ['(unclosed']\n", "'blocked_patterns' entry '(unclosed' is not a valid regex"),
+    ("input:\n  blocked_words: [x]\n", "section 'input': unknown field(s) ['blocked_words']"),
+    ("refusal: ''\n", "'refusal' must be a non-empty string"),
+    ("block_terms: [x]\n", "unknown field(s) ['block_terms']"),
+    ("case_sensitive: maybe\n", "'case_sensitive' must be true or false"),
+])
+def test_bad_yaml_names_file_and_field(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        ModerationConfig.from_file(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        ModerationConfig.from_file("/nonexistent/policy.yaml")

@@ -1,0 +1,170 @@
+"""Generate docs/configuration.md from the config dataclasses (fields, types, defaults, source comments).
+
+    python tools/config_reference.py           # rewrite docs/configuration.md
+    python tools/config_reference.py --check   # exit 1 when docs/configuration.md is out of date
+
+Descriptions come from the comments next to each field in the source (trailing `# ...` or full-line
+comments directly above it), so the reference stays true to the code when fields change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import io
+import sys
+import textwrap
+import tokenize
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUT = REPO / "docs" / "configuration.md"
+
+# (heading, "module:Class", where the fields are set). Order is the order of the page.
+SECTIONS: list[tuple[str, str, str]] = [
+    ("Model architecture", "gptforge.config:Config",
+     "`model:` section of a recipe, `Config.from_name(preset, **fields)`, or `config.json` under the "
+     "`\"gptforge\"` key of a saved model."),
+    ("Moderation policy", "gptforge.safety:ModerationConfig",
+     "the YAML file given to `--moderation FILE` (see [safety.md](safety.md))."),
+    ("Moderation rule set", "gptforge.safety:RuleSet",
+     "the `input:` and `output:` sections of a moderation policy."),
+]
+
+
+# Descriptions for fields whose source has no comment (checked: a name that is not a field is an error).
+FALLBACK: dict[str, str] = {
+    "Config.name": "preset or model name, recorded in config.json",
+    "Config.vocab_size": "number of token ids (the tokenizer's vocabulary, often rounded up)",
+    "Config.n_layer": "number of Transformer blocks",
+    "Config.n_head": "attention (query) heads per block",
+    "Config.n_embd": "width of the residual stream (hidden size)",
+    "Config.pos_embedding": "position encoding: learned table (GPT-2), fixed sinusoidal, rotary (Llama) or none",
+    "Config.rope_theta": "RoPE base frequency",
+    "Config.norm": "LayerNorm (GPT-2) or RMSNorm (Llama)",
+    "Config.norm_eps": "epsilon of the normalisation layers",
+    "Config.mlp": "GELU MLP (GPT-2) or SwiGLU gated MLP (Llama)",
+    "Config.tie_embeddings": "share the input embedding and the output head weights",
+    "Config.attn_dropout": "dropout on attention weights (training only)",
+    "Config.embd_dropout": "dropout on the embeddings (training only)",
+    "Config.init_std": "standard deviation of the normal weight init (residual projections are scaled by 1/sqrt(2 n_layer))",
+    "Config.bos_token_id": "beginning-of-sequence token id, saved to config.json",
+    "Config.eos_token_id": "end-of-sequence token id, saved to config.json",
+    "Config.pad_token_id": "padding token id, saved to config.json",
+}
+
+
+def _render_type(cls: type, kind: str) -> str:
+    """A type annotation, with Literal aliases (e.g. `PosEmbedding`) spelled out as their values."""
+    alias = getattr(sys.modules[cls.__module__], kind, None)
+    if getattr(alias, "__origin__", None) is Literal:
+        return " \\| ".join(f"`{v!r}`" for v in get_args(alias))
+    return f"`{_cell(kind)}`"
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Map field name -> the comment written beside (or directly above) its definition."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, is the whole line)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            whole_line = tok.line.strip().startswith("#")
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), whole_line)
+    names = {f.name for f in dataclasses.fields(cls)}
+    result: dict[str, str] = {}
+    lines = source.splitlines()
+    for number, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        name = stripped.split(":", 1)[0].strip()
+        if ":" not in stripped or name not in names or name in result or not line.startswith("    ") \
+                or line.startswith("     "):
+            continue
+        parts = []
+        above = number - 1
+        while above in comments and comments[above][1]:
+            parts.insert(0, comments[above][0])
+            above -= 1
+        if number in comments and not comments[number][1]:
+            parts.append(comments[number][0])
+        result[name] = " ".join(parts)
+    return result
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value: Any = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(value):
+            return f"`{type(value).__name__}()`"
+    else:
+        return "required"
+    return f"`{value!r}`"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render() -> str:
+    """The full Markdown page."""
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `python tools/config_reference.py` from the config dataclasses; do not edit by hand."
+        " tests/docs/test_config_reference.py fails when this page is out of date. -->",
+        "",
+        "Every recipe and command uses one scheme: dataclasses filled from YAML, with dotted command-line",
+        "overrides such as `--train.lr=3e-4` applied on top (`gptforge.config.apply_overrides`). Unknown keys",
+        "are an error that names the file and the key.",
+        "",
+    ]
+    for heading, target, where in SECTIONS:
+        module_name, class_name = target.split(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        doc = (inspect.getdoc(cls) or "").splitlines()[0]
+        comments = field_comments(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, text in FALLBACK.items():
+            owner, name = key.split(".")
+            if owner == class_name:
+                if name not in names:
+                    raise SystemExit(f"FALLBACK describes {key}, which is not a field; update tools/config_reference.py")
+                comments[name] = comments.get(name) or text
+        out += [f"## {heading}", "", f"`{module_name}.{class_name}`: {doc}", "", f"Set in: {where}", "",
+                "| field | type | default | description |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            out.append(f"| `{f.name}` | {_render_type(cls, kind)} | {_cell(_default(f))} "
+                       f"| {_cell(comments.get(f.name, ''))} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the page is out of date")
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = args.output.read_text(encoding="utf-8") if args.output.is_file() else ""
+        if current != text:
+            print(f"{args.output} is out of date; run: python tools/config_reference.py", file=sys.stderr)
+            return 1
+        print(f"{args.output} is current")
+        return 0
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(REPO / "src"))
+    from gptforge.atomic import atomic_write_text
+
+    atomic_write_text(args.output, text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
