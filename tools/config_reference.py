@@ -26,8 +26,29 @@ OUTPUT = REPO / "docs" / "configuration.md"
 # (heading, "module:Class", where the fields are set). Order is the order of the page.
 SECTIONS: list[tuple[str, str, str]] = [
     ("Model architecture", "gptforge.config:Config",
-     "`model:` section of a recipe, `Config.from_name(preset, **fields)`, or `config.json` under the "
-     "`\"gptforge\"` key of a saved model."),
+     "the `model:` section of a pretraining recipe (plus `preset: NAME` and `init_from: DIR`), "
+     "`Config.from_name(preset, **fields)`, or `config.json` under the `\"gptforge\"` key of a saved model."),
+    ("Pretraining data", "gptforge.train.pretrain:DataConfig",
+     "the `data:` section of a pretraining recipe (`gptforge pretrain --config X.yaml --data.seq_len=512`)."),
+    ("Training loop", "gptforge.train.loop:TrainConfig",
+     "the `train:` section of a pretraining or fine-tuning recipe (`--train.lr=0.001`)."),
+    ("Fine-tuning recipe", "gptforge.finetune.recipe:FinetuneRecipe",
+     "the top level of a fine-tuning recipe (`gptforge finetune --config X.yaml`); `train:` is the "
+     "training loop above."),
+    ("Fine-tuning task", "gptforge.finetune.recipe:TaskRecipe",
+     "each entry of the `tasks:` list of a fine-tuning recipe (or `--data FILE` for one task)."),
+    ("Fine-tuning data", "gptforge.finetune.recipe:DataSettings",
+     "the `data:` section of a fine-tuning recipe."),
+    ("LoRA adapters", "gptforge.train.lora:LoRAConfig",
+     "the `lora:` section of a fine-tuning recipe (with `method: lora`)."),
+    ("Text augmentation", "gptforge.data.augment:AugmentConfig",
+     "the `augment:` section of a fine-tuning recipe."),
+    ("Sampling parameters", "gptforge.sampling:SamplingParams",
+     "keywords of `gptforge.generate.generate(model, prompts, **params)`, the flags of `gptforge generate` "
+     "and `gptforge chat` (`--max-new-tokens`, `--top-p`, ...), and the matching OpenAI request fields of "
+     "`gptforge serve`."),
+    ("Server options", "gptforge.serve.app:ServerOptions",
+     "the flags of `gptforge serve` (see `gptforge serve --help`), or `create_app(model, ServerOptions(...))`."),
     ("Moderation policy", "gptforge.safety:ModerationConfig",
      "the YAML file given to `--moderation FILE` (see [safety.md](safety.md))."),
     ("Moderation rule set", "gptforge.safety:RuleSet",
@@ -54,6 +75,67 @@ FALLBACK: dict[str, str] = {
     "Config.bos_token_id": "beginning-of-sequence token id, saved to config.json",
     "Config.eos_token_id": "end-of-sequence token id, saved to config.json",
     "Config.pad_token_id": "padding token id, saved to config.json",
+    "DataConfig.val_fraction": "share of the corpus held out for validation",
+    "DataConfig.text_field": "field or column holding the text in JSONL/Parquet/HF data",
+    "TrainConfig.lr": "peak learning rate (after warmup)",
+    "TrainConfig.warmup_steps": "steps of linear warmup from 0 to lr",
+    "TrainConfig.beta1": "AdamW first-moment decay",
+    "TrainConfig.beta2": "AdamW second-moment decay",
+    "TrainConfig.eps": "AdamW epsilon",
+    "TrainConfig.seed": "seed for weights init, data order and dropout",
+    "TrainConfig.early_stopping_metric": "metric returned by evaluation that early stopping and best/ watch",
+    "TrainConfig.early_stopping_min_delta": "smallest change that counts as an improvement",
+    "TrainConfig.tensorboard": "also write TensorBoard event files (when tensorboard is installed)",
+    "TrainConfig.wandb_project": "also log to this Weights & Biases project (when wandb is installed)",
+    "FinetuneRecipe.model": "model folder to fine-tune (or --model)",
+    "FinetuneRecipe.out_dir": "run folder (or --out)",
+    "FinetuneRecipe.dropout": "override the model's residual dropout while fine-tuning",
+    "FinetuneRecipe.attn_dropout": "override the model's attention dropout while fine-tuning",
+    "FinetuneRecipe.tasks": "the datasets of the run (see Fine-tuning task)",
+    "FinetuneRecipe.data": "tokenization, batching and mixing (see Fine-tuning data)",
+    "FinetuneRecipe.lora": "adapter settings when method is lora (see LoRA adapters)",
+    "FinetuneRecipe.augment": "text augmentation of prompts (see Text augmentation)",
+    "TaskRecipe.val_fraction": "share of `data` held out for validation when val_data is not given",
+    "TaskRecipe.format": "record format or task template (auto detects it from the first record)",
+    "TaskRecipe.source_lang": "translation: source language name used in the prompt",
+    "TaskRecipe.target_lang": "translation: target language name used in the prompt",
+    "DataSettings.temperature": "mixing temperature T when mixing is temperature",
+    "DataSettings.seed": "seed of the task sampling and shuffling",
+    "DataSettings.eval_batch_size": "examples per validation batch",
+    "LoRAConfig.r": "adapter rank",
+    "LoRAConfig.alpha": "scaling numerator: the update is scaled by alpha / r",
+    "LoRAConfig.dropout": "dropout on the adapter input",
+    "LoRAConfig.target_modules": "linears to wrap, by gptforge name (attn.qkv, attn.out, mlp.up, mlp.gate, mlp.down)",
+    "AugmentConfig.deletion": "probability of deleting each word",
+    "AugmentConfig.swap": "probability of swapping each word with its neighbour",
+    "AugmentConfig.synonym": "probability of replacing a word that has synonyms",
+    "AugmentConfig.synonyms": "word -> list of replacements",
+    "SamplingParams.max_new_tokens": "most tokens to generate",
+    "SamplingParams.min_new_tokens": "EOS is suppressed until this many tokens are generated",
+    "SamplingParams.temperature": "divides the logits; lower is more deterministic",
+    "SamplingParams.top_k": "keep the k most likely tokens (0: off)",
+    "SamplingParams.top_p": "nucleus sampling: keep the smallest set with this total probability (1.0: off)",
+    "SamplingParams.min_p": "drop tokens below min_p times the top probability (0: off)",
+    "SamplingParams.typical_p": "locally typical sampling mass (1.0: off)",
+    "SamplingParams.no_repeat_ngram_size": "forbid repeating any n-gram of this size (0: off)",
+    "SamplingParams.logit_bias": "token id -> value added to its logit",
+    "SamplingParams.stop": "strings that end generation (matched across token boundaries, not included)",
+    "SamplingParams.eos_token_id": "token id(s) that end generation (default: the tokenizer's stop tokens)",
+    "SamplingParams.seed": "seed of the sampling generator (reproducible outputs)",
+    "SamplingParams.num_return_sequences": "continuations per prompt",
+    "SamplingParams.num_beams": "beam search width (1: no beam search)",
+    "SamplingParams.length_penalty": "beam search: scores are divided by length ** length_penalty",
+    "SamplingParams.logprobs": "return the log-probability of each generated token",
+    "SamplingParams.top_logprobs": "also return this many most likely alternatives per step",
+    "ServerOptions.model_name": "the model name clients send (--served-model-name)",
+    "ServerOptions.api_keys": "accepted API keys (--api-key, --api-keys-file, GPTFORGE_API_KEYS); empty: no auth",
+    "ServerOptions.max_batch": "sequences decoded together (--max-concurrency)",
+    "ServerOptions.max_queue": "waiting sequences before 429 with Retry-After (--max-queue)",
+    "ServerOptions.request_timeout": "seconds before a request is cut off (--request-timeout)",
+    "ServerOptions.max_body_bytes": "larger request bodies get 413 (--max-body-bytes)",
+    "ServerOptions.requests_per_minute": "per API key (--rate-limit-rpm); None: unlimited",
+    "ServerOptions.tokens_per_minute": "prompt + max completion tokens per API key (--rate-limit-tpm); None: unlimited",
+    "ServerOptions.log_json": "structured JSON access logs",
 }
 
 
@@ -131,8 +213,9 @@ def render() -> str:
         for key, text in FALLBACK.items():
             owner, name = key.split(".")
             if owner == class_name:
-                if name not in names:
-                    raise SystemExit(f"FALLBACK describes {key}, which is not a field; update tools/config_reference.py")
+                if name not in names:  # a removed field: its description is unused, say so
+                    print(f"note: FALLBACK describes {key}, which is no longer a field", file=sys.stderr)
+                    continue
                 comments[name] = comments.get(name) or text
         out += [f"## {heading}", "", f"`{module_name}.{class_name}`: {doc}", "", f"Set in: {where}", "",
                 "| field | type | default | description |", "|---|---|---|---|"]

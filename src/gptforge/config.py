@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -202,6 +203,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # ---- YAML and dotted overrides: the one config scheme of every command ------------------------
 
+class _YAMLLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `3e-4` and `1E5` as floats (YAML 1.1 wants a dot: `3.0e-4`)."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Load a YAML/JSON mapping, with a clear error naming the file."""
     path = Path(path)
@@ -209,7 +220,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_YAMLLoader)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML/JSON: {exc}") from exc
     if data is None:
@@ -220,9 +231,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_value(text: str) -> Any:
-    """Parse a CLI override value with YAML rules ("3" -> 3, "true" -> True, "[1,2]" -> list)."""
+    """Parse a CLI override value with YAML rules ("3" -> 3, "3e-4" -> 0.0003, "true" -> True, "[1,2]" -> list)."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_YAMLLoader)
     except yaml.YAMLError:
         return text
 

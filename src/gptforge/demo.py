@@ -156,9 +156,14 @@ def plan_steps(budget_s: float, step_s: float, eval_s: float, evaluations: int =
 
 def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINUTES,
              recipe_path: Optional[str | Path] = None, overrides: Sequence[str] = (), fresh: bool = False,
+             steps: Optional[int] = None,
              prompts: Sequence[str] = DEFAULT_PROMPTS, max_new_tokens: int = 48, seed: int = 0,
              progress: bool = True, echo: Any = print) -> DemoReport:
-    """Prepare the stdlib corpus, pretrain within `minutes`, evaluate, complete prompts; returns the report."""
+    """Prepare the stdlib corpus, pretrain within `minutes`, evaluate, complete prompts; returns the report.
+
+    `steps` fixes the number of optimizer steps instead of fitting them to the budget (the budget still
+    stops the run); `overrides` are `section.key=value` changes to the recipe.
+    """
     from .data.shards import load_prepared
     from .generate import generate
     from .model import GPT
@@ -166,6 +171,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
 
     if not minutes > 0:
         raise ValueError(f"--minutes must be positive, got {minutes}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
     recipe_path = Path(recipe_path) if recipe_path else default_recipe_path()
     if not recipe_path.is_file():
         raise FileNotFoundError(f"demo recipe not found: {recipe_path} (pass --recipe PATH to a pretraining recipe)")
@@ -193,7 +200,6 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
     echo(f"      {corpus.num_tokens('train'):,} training and {corpus.num_tokens('val'):,} validation tokens, "
          f"vocabulary {corpus.vocab_size:,}")
 
-    started = time.perf_counter()
     if finished:
         echo(f"[2/4] reusing the model trained earlier in {out / 'model'} (pass --fresh to train again)")
     else:
@@ -203,6 +209,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
             spent = float(state.get("budget_s", budget_s)) - _elapsed(out / "metrics.jsonl")
             budget_s = max(spent, 30.0)
             echo(f"[2/4] resuming the interrupted run in {out} ({budget_s / 60:.1f} minutes left)")
+        elif steps is not None:
+            echo(f"[2/4] pretraining for {steps} steps (at most {minutes:g} minute(s))")
         else:
             step_s, eval_token_s = seconds_per_step(recipe, corpus.vocab_size)
             eval_tokens = min(recipe.data.eval_tokens or corpus.num_tokens("val"), corpus.num_tokens("val"))
@@ -214,7 +222,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
         timing = [f"train.max_steps={steps}", f"train.max_time={budget_s * 1.1:.1f}",
                   f"train.eval_every={max(1, steps // 4)}", f"train.progress={str(progress).lower()}"]
         pretrain(recipe, overrides=timing, resume=resume)
-    train_seconds = time.perf_counter() - started
+    train_seconds = _elapsed(out / "metrics.jsonl")
 
     echo("[3/4] validation perplexity (held-out tail of the corpus)")
     model = GPT.from_pretrained(out / "model")

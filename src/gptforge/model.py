@@ -318,7 +318,9 @@ class GPT(nn.Module):
         use_cache = self.has_cache and cache_slots is not None
         if positions is None:
             positions = cache_slots if use_cache else torch.arange(t, device=device)
-        max_pos = int(positions.max()) if positions.numel() else 0
+        # The check reads a value back to the host; a compiled decode step (gptforge.generate) skips it
+        # because its caller has already bounded the positions, and a graph break would recompile per step.
+        max_pos = int(positions.max()) if positions.numel() and not torch.compiler.is_compiling() else 0
         if max_pos >= self.config.block_size:
             raise ValueError(f"sequence position {max_pos} exceeds the model context "
                              f"(block_size={self.config.block_size}); shorten the input")

@@ -31,6 +31,6 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model_and_tokenizer(model_dir):
-    from gptforge.eval.harness import load_model_and_tokenizer
+    from gptforge.eval.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(model_dir, device="cpu")

@@ -1,7 +1,5 @@
 """The lm-eval adapter, offline: custom task YAMLs over local JSONL files (--include-path)."""
 
-import os
-
 import pytest
 
 from gptforge.eval.perplexity import perplexity_of_text
@@ -82,6 +80,7 @@ def test_registered_by_name_and_loads_a_directory(model_dir):
         get_model("gptforge")()
 
 
+@pytest.mark.slow  # an unknown name makes lm-eval index all its built-in tasks (~10 s)
 def test_unknown_task_and_missing_include_path(model_and_tokenizer, tmp_path):
     from gptforge.eval.harness import run_harness
 

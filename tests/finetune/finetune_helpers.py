@@ -29,3 +29,17 @@ def sorted_digits(n: int, seed: int, lengths=(3, 5)) -> list[dict]:
         text = "".join(map(str, digits))
         out.append({"text": text, "label": "yes" if list(text) == sorted(text) else "no"})
     return out
+
+
+NUMBER_WORDS = "zero one two three four five six seven eight nine".split()
+
+
+def number_words(n: int, seed: int) -> list[dict]:
+    """'seven two=' -> '72': one or two number words to digits."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        digits = [rng.randint(0, 9) for _ in range(rng.randint(1, 2))]
+        out.append({"prompt": " ".join(NUMBER_WORDS[d] for d in digits) + "=",
+                    "completion": "".join(map(str, digits))})
+    return out

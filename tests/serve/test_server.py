@@ -282,6 +282,64 @@ def test_access_logs_are_json_with_request_ids_and_no_secrets(server):
     assert API_KEY not in server.log and "sk-env-key" not in server.log and "alice@example.com" not in server.log
 
 
+MC_RECORDS = [
+    {"prompt": "The quick brown", "choices": ["fox", "dog", "world"], "answer": 0},
+    {"prompt": "Hello", "choices": [" world", " fox", " time"], "answer": 0},
+    {"prompt": "Once upon a", "choices": [" time", " dog", " model"], "answer": 0},
+    {"prompt": "The lazy", "choices": [" dog", " fox"], "answer": 0},
+    {"prompt": "a tiny model that served", "choices": [" requests", " apples"], "answer": 0},
+    {"prompt": "0123", "choices": ["456", "abc", "xyz"], "answer": 0},
+]
+MC_YAML = """\
+task: gptforge_serve_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_equals_in_process_harness(server, model_dir, tmp_path):
+    """`lm_eval --model local-completions` (token-id requests, the server's tokenizer) against the server
+    scores a custom JSONL multiple-choice task exactly as the in-process `gptforge eval --harness` does."""
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    from gptforge.eval.harness import run_harness
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MC_RECORDS))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mc.yaml").write_text(MC_YAML.format(data=data))
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": API_KEY,
+           "HF_DATASETS_CACHE": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false"}
+    model_args = (f"model={MODEL_NAME},base_url={server.base}/v1/completions,tokenized_requests=True,"
+                  f"tokenizer_backend=remote,auth_token={API_KEY},max_length=120,num_concurrent=4,max_retries=1")
+    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args,
+           "--tasks", "gptforge_serve_mc", "--include_path", str(tasks), "--output_path", str(tmp_path / "out"),
+           "--batch_size", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result_file,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
+    served = json.loads(open(result_file).read())["results"]["gptforge_serve_mc"]
+    local = run_harness(model_dir, ["gptforge_serve_mc"], include_path=tasks, batch_size=4)["results"]["gptforge_serve_mc"]
+    assert served["acc,none"] == pytest.approx(local["acc"])
+    assert served["acc_norm,none"] == pytest.approx(local["acc_norm"])
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(server):
     """SIGTERM while a stream is running: the stream still completes with [DONE], then the process exits."""
     body = {"model": MODEL_NAME, "prompt": "Once", "max_tokens": 100, "n": 8, "temperature": 1.0, "stream": True,

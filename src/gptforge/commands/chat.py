@@ -42,6 +42,10 @@ def run(args: argparse.Namespace, stdin: Optional[Any] = None, stdout: Optional[
     if kwargs["num_beams"] != 1:
         raise ValueError("--num-beams: chat streams its replies, so beam search is not available here")
     SamplingParams.from_kwargs(**kwargs)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model = load_model(args)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:

@@ -11,6 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
                         help=f"training budget in minutes (default {DEFAULT_MINUTES:g}; the first run also spends "
                              "about a minute preparing the corpus)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train exactly this many optimizer steps instead of fitting them to --minutes")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--recipe", default=None,
                         help="pretraining recipe (default: configs/stdlib-code.yaml of the source tree)")
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     report = run_demo(args.out, minutes=args.minutes, recipe_path=args.recipe,
-                      overrides=getattr(args, "overrides", []), fresh=args.fresh,
+                      overrides=getattr(args, "overrides", []), fresh=args.fresh, steps=args.steps,
                       prompts=args.prompt or DEFAULT_PROMPTS, max_new_tokens=args.max_new_tokens, seed=args.seed,
                       progress=not args.no_progress)
     return 0

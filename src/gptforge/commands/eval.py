@@ -84,7 +84,7 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate, write the JSON report atomically, print a table."""
     _check(args)
-    from ..eval.harness import load_model_and_tokenizer
+    from ..eval.loading import load_model_and_tokenizer
 
     output = Path(args.output or "eval_report.json")
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)

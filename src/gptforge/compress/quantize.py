@@ -177,9 +177,15 @@ class Int4Linear(nn.Module):
     def prepare(self) -> None:
         """Build the CPU kernel's packed weight and (K/g, N, 2) scale-and-zero table from the stored tensors."""
         q = unpack_int4(self.weight_packed).to(torch.int32)  # (N, K)
+        scale, zero = self.weight_scale, self.weight_zero
+        pad = -self.out_features % 16  # the kernel packs rows in blocks of 16 (e.g. a 50257-token head)
+        if pad:
+            q = torch.cat([q, torch.full((pad, q.shape[1]), 8, dtype=q.dtype)])
+            scale = torch.cat([scale, torch.zeros(pad, scale.shape[1])])
+            zero = torch.cat([zero, torch.zeros(pad, zero.shape[1])])
         self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-        self._scale_zero = torch.stack([self.weight_scale.t(), self.weight_zero.t()], dim=-1).contiguous().to(
-            self.compute_dtype)  # (K/g, N, 2)
+        self._scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(
+            self.compute_dtype)  # (K/g, N padded, 2)
         self._bias_c = None if self.bias is None else self.bias.to(self.compute_dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -191,6 +197,8 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype).contiguous()  # (M, K)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel_weight, self.group_size, self._scale_zero)
+        if y.shape[-1] != self.out_features:
+            y = y[:, : self.out_features]
         if self._bias_c is not None:
             y = y + self._bias_c
         return y.reshape(*shape[:-1], self.out_features)

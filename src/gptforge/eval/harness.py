@@ -8,6 +8,7 @@ JSON-ready shape: `{"results": {task: {metric: value}}, ...}`.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -18,6 +19,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from .loading import load_model_and_tokenizer
 from .scoring import context_length, prefix_token_id, score_continuations
 from .tasks import cut_at_stop
 
@@ -25,30 +27,12 @@ if TYPE_CHECKING:
     from ..model import GPT
     from ..tokenizer import Tokenizer
 
+eval_logger = logging.getLogger(__name__)
+
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_GEN_TOKS = 256
-
-
-def load_model_and_tokenizer(path: str | Path, *, device: Optional[str] = None,
-                             dtype: Optional[str] = None) -> tuple["GPT", "Tokenizer"]:
-    """A saved gptforge/HF model directory and its tokenizer, in eval mode on `device` (default: cuda if present)."""
-    from ..model import GPT
-    from ..tokenizer import Tokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model: no such model directory: {path}")
-    dtypes = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GPT.from_pretrained(path, dtype=dtypes[dtype], device=device)
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{path}: no tokenizer.json beside the model; evaluation needs the tokenizer")
-        tokenizer = Tokenizer.from_file(path)
-    return model.eval(), tokenizer
+# Bookkeeping that lm-eval puts beside the metrics in its results.
+NON_METRIC_KEYS = {"alias", "sample_len", "sample_count"}
 
 
 def _positive_int(value: Any, name: str, default: int) -> int:
@@ -72,6 +56,10 @@ class GPTForgeLM(TemplateLM):
                  max_batch_size: Any = None, max_length: Any = None, device: Optional[str] = None,
                  dtype: Optional[str] = None, **unused: Any) -> None:
         super().__init__()
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line asks for cuda by default; like its HF backend, use the CPU instead.
+            eval_logger.warning("device %s requested but CUDA is not available; using the CPU", device)
+            device = "cpu"
         if model is None:
             if pretrained is None:
                 raise ValueError("the gptforge LM needs pretrained=DIR (a saved model directory) or a model object")
@@ -226,7 +214,7 @@ def harness_report(output: dict[str, Any]) -> dict[str, Any]:
     for task, values in output.get("results", {}).items():
         clean = {}
         for key, value in values.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if key in NON_METRIC_KEYS or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             name = key[:-len(",none")] if key.endswith(",none") else key
             clean[name] = float(value) if math.isfinite(float(value)) else None
@@ -236,3 +224,11 @@ def harness_report(output: dict[str, Any]) -> dict[str, Any]:
     if "samples" in output:
         report["samples"] = output["samples"]
     return report
+
+
+if __name__ == "__main__":
+    # lm-eval's own command line with the `gptforge` class registered:
+    # python -m gptforge.eval.harness run --model gptforge --model_args pretrained=DIR --tasks NAME
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

@@ -315,13 +315,18 @@ class OpenAIServing:
     async def _events(self, sub: "_Submission", request: Request) -> AsyncIterator[SeqEvent]:
         """Yield the sequences' events; cancels them if the client goes away or we stop early."""
         remaining = sub.count
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         try:
             while remaining:
                 try:
                     event = await asyncio.wait_for(sub.queue.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() >= next_check:  # events may flow steadily: check on a clock, not on idle
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
                     if await request.is_disconnected():
                         raise APIError(499, "client disconnected", code="client_disconnected")
+                if event is None:
                     continue
                 if event.error is not None:
                     raise event.error

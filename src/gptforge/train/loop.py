@@ -433,8 +433,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_source: BatchSource, out_dir
         logger.close()
         raise
     bar.close()
-    if last_eval_step != step and (result.interrupted or result.stopped_early or step < cfg.max_steps):
-        run_eval()
+    if last_eval_step != step and not result.interrupted:
+        run_eval()  # out of time: the final model gets its evaluation (an interrupted run resumes instead)
     if last_ckpt_step != step:
         checkpoint()
     _write_model(bare, run_dir / "model", save_model, info, fsdp)

@@ -6,7 +6,8 @@
 
 Sections:
     model:  `preset` (a Config preset name), `init_from` (a model folder to continue from), and any
-            `Config` field; vocab_size defaults to the tokenizer's, block_size to data.seq_len.
+            `Config` field; vocab_size defaults to the tokenizer's (also over a preset's), block_size to
+            the preset's or data.seq_len.
     data:   `DataConfig` below (sources are prepared into token shards once, then reused).
     train:  `gptforge.train.loop.TrainConfig`.
     out_dir: the run folder.
@@ -105,8 +106,8 @@ def model_config(recipe: Recipe, vocab_size: int, source: str = "recipe") -> Con
         if preset not in PRESETS:
             raise ConfigError(f"{source}: model.preset {preset!r} is not a preset; available: {sorted(PRESETS)}")
         base = {**PRESETS[preset], "name": preset}
-    merged = {**base, **fields}
-    merged.setdefault("vocab_size", vocab_size)
+    # The corpus tokenizer decides the vocabulary unless the recipe names one (e.g. padded to a multiple of 64).
+    merged = {**base, "vocab_size": vocab_size, **fields}
     merged.setdefault("block_size", recipe.data.seq_len)
     config = Config.from_dict(merged, source=f"{source}: model")
     if config.block_size < recipe.data.seq_len:

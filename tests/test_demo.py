@@ -1,0 +1,71 @@
+"""`gptforge demo` end to end on a tiny budget: corpus, pretraining, perplexity vs unigram, completions, reuse."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gptforge import GPT
+from gptforge.cli import main
+from gptforge.demo import default_recipe_path, plan_steps, unigram_log_probs
+
+# The shipped recipe, shrunk: a slice of the stdlib, a 2-layer model, a fixed number of steps.
+TINY = ["--steps", "60", "--minutes", "5", "--no-progress", "--max-new-tokens", "12",
+        "--data.max_bytes=300000", "--data.vocab_size=512", "--data.seq_len=64", "--data.batch_size=16",
+        "--data.eval_tokens=4096", "--model.n_layer=2", "--model.n_head=2", "--model.n_kv_head=2",
+        "--model.n_embd=64", "--model.block_size=64", "--train.lr=0.01", "--train.warmup_steps=5",
+        "--train.batch_tokens=0", "--train.grad_accum_steps=1", "--train.checkpoint_every=0"]
+
+
+def test_unigram_baseline_is_a_smoothed_distribution():
+    logp = unigram_log_probs(np.array([0, 0, 1, 3]), vocab_size=5)
+    assert np.exp(logp).sum() == pytest.approx(1.0)
+    assert np.exp(logp[0]) == pytest.approx(3 / 9)  # (2 + 1) / (4 + 5)
+    assert np.exp(logp[4]) == pytest.approx(1 / 9)  # unseen tokens keep some mass
+
+
+def test_plan_steps_fits_the_budget():
+    assert plan_steps(600, 2.0, 10.0, evaluations=5) == 275
+    assert plan_steps(5, 2.0, 10.0) == 10  # never fewer than 10 steps
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_and_reuse(tmp_path, capsys):
+    assert default_recipe_path().is_file(), "configs/stdlib-code.yaml is the demo's recipe"
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 60 and report["val_tokens"] > 1000
+    assert math.isfinite(report["val_perplexity"])
+    assert report["val_perplexity"] < report["unigram_perplexity"], report
+    assert f"{report['val_perplexity']:.2f}" in printed and f"{report['unigram_perplexity']:.2f}" in printed
+
+    png = out / "loss_curve.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "metrics.jsonl").is_file()
+
+    model = GPT.from_pretrained(out / "model")
+    assert model.tokenizer is not None and model.config.n_layer == 2
+    assert len(model.generate("def ", max_new_tokens=4, do_sample=False)[0].token_ids) > 0
+
+    assert len(report["completions"]) == 5
+    for item in report["completions"]:
+        assert f"prompt     | {item['prompt'].splitlines()[0]}" in printed
+    assert "gptforge chat --model" in printed and "gptforge serve --model" in printed
+
+    # Re-running reuses the corpus and the model and reports the same perplexity.
+    assert main(["demo", "--out", str(out), *TINY]) == 0
+    again = capsys.readouterr().out
+    assert "reusing the model" in again
+    second = json.loads((out / "report.json").read_text())
+    assert second["reused_model"] and second["val_perplexity"] == pytest.approx(report["val_perplexity"])
+
+
+def test_demo_bad_arguments(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--minutes", "0"]) == 2
+    assert "--minutes must be positive" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path), "--recipe", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err

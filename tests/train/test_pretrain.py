@@ -1,0 +1,122 @@
+"""Pretraining recipes end to end: YAML + overrides, the run folder, the CLI and the shipped configs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gptforge.config import ConfigError
+from gptforge.model import GPT
+from gptforge.train.metrics import read_metrics
+from gptforge.train.pretrain import load_recipe, model_config, pretrain
+
+REPO = Path(__file__).resolve().parents[2]
+TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300))
+
+
+def tiny_recipe(tmp_path, **train) -> dict:
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    return {
+        "model": {"preset": "nano", "n_layer": 1, "n_embd": 32, "n_head": 2},
+        "data": {"sources": [str(tmp_path / "corpus.txt")], "tokenizer": "char", "seq_len": 32, "batch_size": 4,
+                 "eval_tokens": 2000, "dir": str(tmp_path / "data")},
+        "train": {"max_steps": 8, "lr": 1e-2, "eval_every": 4, "progress": False, **train},
+        "out_dir": str(tmp_path / "run"),
+    }
+
+
+@pytest.mark.parametrize("name", ["shakespeare-char", "stdlib-code", "gpt2-124m"])
+def test_shipped_recipes_load(name):
+    recipe = load_recipe(REPO / "configs" / f"{name}.yaml", ["--train.max_steps=3"])
+    assert recipe.train.max_steps == 3
+    config = model_config(recipe, vocab_size=65 if name == "shakespeare-char" else 8192)
+    assert config.block_size >= recipe.data.seq_len
+
+
+def test_unknown_fields_and_bad_values_name_the_field(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path)))
+    with pytest.raises(ConfigError, match="train.*lrate"):
+        load_recipe(path, ["--train.lrate=1"])
+    with pytest.raises(ConfigError, match="data.*seq_length"):
+        load_recipe(path, ["--data.seq_length=1"])
+    with pytest.raises(ConfigError, match="n_layers"):
+        load_recipe(path, ["--model.n_layers=1"])
+    with pytest.raises(ConfigError, match="train.warmup_steps"):
+        load_recipe(path, ["--train.warmup_steps=-1"])
+    with pytest.raises(ConfigError, match="seq_len.*block_size"):
+        load_recipe(path, ["--model.block_size=16"])
+
+
+def test_pretrain_end_to_end(tmp_path):
+    run_dir = pretrain(tiny_recipe(tmp_path), overrides=["--train.max_steps=10"])
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 11))
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8, 10]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    assert evals[-1]["val_ppl"] == pytest.approx(2.718281828 ** evals[-1]["val_loss"], rel=1e-6)
+    model = GPT.from_pretrained(run_dir / "model")
+    assert model.tokenizer is not None and model.tokenizer.decode(model.tokenizer.encode("fox")) == "fox"
+    assert model.config.vocab_size == model.tokenizer.vocab_size
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 10 and saved["model"]["n_embd"] == 32
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == 10
+    assert (run_dir / "best" / "config.json").is_file() and (run_dir / "loss_curve.png").is_file()
+    # Exported HF folder: transformers reads it.
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    assert hf.config.vocab_size == model.config.vocab_size
+
+
+def test_pretrain_cli_and_resume_extends_a_run(tmp_path, capsys):
+    from gptforge.cli import main
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, checkpoint_every=3)))
+    assert main(["pretrain", "--config", str(path), "--train.max_steps=6"]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["steps"] == 6
+    assert main(["pretrain", "--config", str(path), "--train.max_steps=9", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 9
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 10))
+    assert main(["pretrain", "--config", str(path), "--data.sources=[nowhere.txt]",
+                 f"--out_dir={tmp_path / 'other'}", f"--data.dir={tmp_path / 'd2'}"]) == 2
+    assert "nowhere.txt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path):
+    """torchrun, 2 CPU processes (gloo), accumulation 1 == 1 process, accumulation 2."""
+    recipe = tiny_recipe(tmp_path, max_steps=4, eval_every=2, dtype="fp32")
+    recipe["model"]["dropout"] = 0.0
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTFORGE_NO_PROGRESS": "1"}
+    # Prepare once so both runs read the same shards.
+    single = subprocess.run([sys.executable, "-m", "gptforge.cli", "pretrain", "--config", str(path),
+                             "--train.grad_accum_steps=2", f"--out_dir={tmp_path / 'single'}"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "gptforge.cli", "pretrain", "--config", str(path), "--train.grad_accum_steps=1",
+                          f"--out_dir={tmp_path / 'ddp'}", "--data.sources=[]"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+    def curve(name):
+        records = read_metrics(tmp_path / name / "metrics.jsonl")
+        return ([r["loss"] for r in records if "loss" in r], [r["val_loss"] for r in records if "val_loss" in r],
+                [r["tokens"] for r in records if "loss" in r])
+
+    loss_1, val_1, tokens_1 = curve("single")
+    loss_2, val_2, tokens_2 = curve("ddp")
+    assert len(loss_1) == 4 and tokens_1 == tokens_2 == [256, 512, 768, 1024]
+    assert loss_2 == pytest.approx(loss_1, rel=1e-5)
+    assert val_2 == pytest.approx(val_1, rel=1e-5)
+    assert GPT.from_pretrained(tmp_path / "ddp" / "model").config.n_layer == 1
