@@ -94,7 +94,8 @@ def llama_cpp_timer(gguf_path: Path, prompt_len: int, new_tokens: int) -> Option
         import llama_cpp
     except ImportError:
         return None
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=prompt_len + new_tokens + 8, n_threads=2,
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=prompt_len + new_tokens + 8,
+                          n_threads=torch.get_num_threads(),
                           n_batch=prompt_len, verbose=False)
     prompt = torch.randint(0, llm.n_vocab(), (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 
@@ -225,7 +226,7 @@ def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
             ax.scatter(row["decode_x_fp32"], row["ppl_x_fp32"])
             ax.annotate(name, (row["decode_x_fp32"], row["ppl_x_fp32"]), textcoords="offset points", xytext=(4, 4))
     ax.axhline(1.0, color="grey", lw=0.5)
-    ax.set_xlabel("decode tokens/s, x fp32 (GPT-2 124M shape, batch 1, 2 threads)")
+    ax.set_xlabel("decode tokens/s, x fp32 (GPT-2 124M shape, batch 1)")
     ax.set_ylabel("held-out perplexity, x fp32 (small model)")
     ax.set_title("gptforge compression: speed vs quality")
     fig.tight_layout()
@@ -246,17 +247,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: 2, or 1 when the 1-minute load average exceeds 2: on a busy "
+                             "2-core machine two OpenMP threads spend most of a step waiting for each other)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer")
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
         args.train_steps, args.recover_steps, args.eval_windows = 20, 5, 4
         args.prompt_len, args.decode_tokens, args.rounds = 16, 8, 1
+    load_before = os.getloadavg()
+    if args.threads <= 0:
+        args.threads = 1 if load_before[0] > 2.0 else 2
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="gptforge-bench-compress-") as tmp:
         work = Path(tmp)
         speed = speed_table(args, work)

@@ -12,7 +12,7 @@ from gptforge.demo import default_recipe_path, plan_steps, unigram_log_probs
 
 # The shipped recipe, shrunk: a slice of the stdlib, a 2-layer model, a fixed number of steps.
 TINY = ["--steps", "60", "--minutes", "5", "--no-progress", "--max-new-tokens", "12",
-        "--data.max_bytes=300000", "--data.vocab_size=512", "--data.seq_len=64", "--data.batch_size=16",
+        "--data.max_bytes=300000", "--data.split=tail", "--data.vocab_size=512", "--data.seq_len=64", "--data.batch_size=16",
         "--data.eval_tokens=4096", "--model.n_layer=2", "--model.n_head=2", "--model.n_kv_head=2",
         "--model.n_embd=64", "--model.block_size=64", "--train.lr=0.01", "--train.warmup_steps=5",
         "--train.batch_tokens=0", "--train.grad_accum_steps=1", "--train.checkpoint_every=0"]

@@ -109,3 +109,22 @@ def test_bad_yaml_names_file_and_field(tmp_path, text, message):
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         ModerationConfig.from_file("/nonexistent/policy.yaml")
+
+
+def test_stream_guard_releases_deltas_until_a_blocked_prefix():
+    mod, _ = _moderator(blocked_terms=["credit card dump"])
+    guard = mod.stream_guard()
+    shown = [guard.push(d) for d in ["Here is a ", "credit card", " du", "mp", " of", " data"]]
+    assert shown == ["Here is a ", "credit card", " du", "", "", ""]
+    assert guard.blocked and guard.verdict.rule == "credit card dump"
+    clean = mod.stream_guard()
+    assert "".join(clean.push(d) for d in ["all ", "fine"]) == "all fine" and not clean.blocked
+
+
+def test_load_moderator(tmp_path):
+    from gptforge.safety import load_moderator
+
+    assert load_moderator(None) is None
+    path = tmp_path / "p.yaml"
+    path.write_text("blocked_terms: [x]\n")
+    assert not load_moderator(str(path), registry=CollectorRegistry()).check_input("x").allowed

@@ -12,6 +12,7 @@ The prompt is run once (prefill) and each new token costs one single-position fo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -140,6 +141,38 @@ def _copy_cache_rows(caches: list[Any], rows: torch.Tensor, length: int) -> None
         cache.v[:, :, :length] = cache.v[rows, :, :length]
 
 
+def _decode_forward(model: torch.nn.Module, input_ids: torch.Tensor, positions: Optional[torch.Tensor],
+                    slots: torch.Tensor, key_mask: Optional[torch.Tensor], kv_len: int) -> torch.Tensor:
+    """One decode step: logits (B, V) of the next token."""
+    return model(input_ids, positions, cache_slots=slots, key_mask=key_mask, kv_len=kv_len, last_only=True)[:, -1]
+
+
+def _weights_version(model: torch.nn.Module) -> tuple[int, ...]:
+    return tuple(p._version for p in model.parameters())
+
+
+def decode_step(model: torch.nn.Module, compile: bool) -> Callable[..., torch.Tensor]:
+    """The single-token forward pass, eager or `torch.compile`d (compiled once per model and shape)."""
+    if not compile:
+        return partial(_decode_forward, model)
+    version = _weights_version(model)
+    cached = getattr(model, "_compiled_decode_step", None)
+    if cached is None or cached[0] != version:
+        # Static shapes: the cache length is fixed for a whole generation (the mask hides unwritten slots),
+        # so one graph serves every step and Inductor can fuse the small per-layer ops. Freezing folds the
+        # weights in as constants (prepacked for the CPU GEMM kernels), so a graph is rebuilt when the
+        # weights change in place (the version check above).
+        step = torch.compile(partial(_decode_forward, model), dynamic=False, options={"freezing": True})
+        cached = (version, step)
+        model._compiled_decode_step = cached  # dies with the model
+    return cached[1]
+
+
+def _compiled_cache_len(needed: int, block_size: int) -> int:
+    """Round the cache length up so that nearby lengths share one compiled graph."""
+    return min(block_size, -(-needed // 256) * 256)
+
+
 class _Batch:
     """Left-padded token layout of several prompts in one cache: slots, positions and the key mask."""
 
@@ -168,7 +201,7 @@ class _Batch:
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
              params: Optional[SamplingParams] = None, echo: bool = False, truncate_prompt: bool = False,
-             skip_special_tokens: bool = True, **kwargs: Any) -> list[GenerationOutput]:
+             skip_special_tokens: bool = True, compile: bool = False, **kwargs: Any) -> list[GenerationOutput]:
     """Continue each prompt; returns len(prompts) * num_return_sequences outputs, grouped by prompt.
 
     Parameters are `SamplingParams` fields (max_new_tokens, temperature, top_p, stop, num_beams, ...),
@@ -187,7 +220,8 @@ def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
         if params.num_beams > 1:
             outputs = _beam_search(model, token_prompts, params, tokenizer, skip_special_tokens)
         else:
-            outputs = list(_SamplingRun(model, token_prompts, params, tokenizer, skip_special_tokens).run())
+            outputs = list(_SamplingRun(model, token_prompts, params, tokenizer, skip_special_tokens,
+                                        compile=compile).run())
         if echo:
             _attach_prompt_logprobs(model, outputs, token_prompts, params.top_logprobs)
     finally:
@@ -197,7 +231,7 @@ def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
 
 def stream(model: torch.nn.Module, prompt: Prompt, tokenizer: Any = None, *,
            params: Optional[SamplingParams] = None, truncate_prompt: bool = False,
-           skip_special_tokens: bool = True, **kwargs: Any) -> Iterator[str]:
+           skip_special_tokens: bool = True, compile: bool = False, **kwargs: Any) -> Iterator[str]:
     """Yield text deltas of one continuation as they are decoded.
 
     Deltas never split a multi-byte character, and text that may begin a stop string is held back
@@ -213,7 +247,8 @@ def stream(model: torch.nn.Module, prompt: Prompt, tokenizer: Any = None, *,
         raise ValueError("stream: expected one prompt (a string or a list of token ids)")
     token_prompts = _fit_context(model, normalize_prompts(prompt, tokenizer), truncate_prompt)
     _check_ids(model, token_prompts)
-    run = _SamplingRun(model, token_prompts, params, tokenizer, skip_special_tokens, want_deltas=True)
+    run = _SamplingRun(model, token_prompts, params, tokenizer, skip_special_tokens, want_deltas=True,
+                       compile=compile)
     was_training = model.training
     model.eval()
     try:
@@ -330,8 +365,9 @@ class _SamplingRun:
     """Greedy or sampled decoding of a batch of prompts (each repeated num_return_sequences times)."""
 
     def __init__(self, model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, tokenizer: Any,
-                 skip_special_tokens: bool, want_deltas: bool = False) -> None:
+                 skip_special_tokens: bool, want_deltas: bool = False, compile: bool = False) -> None:
         self.model, self.prompts, self.params, self.tokenizer = model, prompts, params, tokenizer
+        self.compile = compile
         self.skip_special_tokens = skip_special_tokens
         self.eos = set(_default_eos(params, tokenizer, model))
         want_text = want_deltas or bool(params.stop_strings)
@@ -355,11 +391,15 @@ class _SamplingRun:
         pad_id = next(iter(self.eos), 0) if self.eos else 0
         batch = _Batch(self.prompts, device, pad_id)
         width = batch.width
-        cache_len = min(width + params.max_new_tokens, model.config.block_size)
+        block = model.config.block_size
+        cache_len = min(width + params.max_new_tokens, block)
+        step_fn = decode_step(model, self.compile)
+        # Eager attention reads only the filled slots; a compiled step keeps one shape for the whole run.
+        fixed_len = _compiled_cache_len(cache_len, block) if self.compile else None
         want_logprobs = params.logprobs or params.top_logprobs > 0
-        with _BorrowedCache(model, len(rows), cache_len) as caches:
+        with _BorrowedCache(model, len(rows), fixed_len or cache_len) as caches:
             slots = torch.arange(width, device=device)
-            key_mask = batch.key_mask(cache_len)
+            key_mask = batch.key_mask(fixed_len or cache_len)
             n_prompts = len(self.prompts)
             # Prefill each distinct prompt once, then fan its cache row out to its num_return_sequences rows.
             logits = model(batch.input_ids, batch.positions(slots), cache_slots=slots,
@@ -405,8 +445,7 @@ class _SamplingRun:
                 next_ids = torch.tensor([r.tokens[-1] if r.tokens else pad_id for r in rows], device=device)[:, None]
                 slot_t = torch.tensor([slot], device=device)
                 positions = (slot_t[None, :] - pads[:, None]) if pads is not None else None
-                logits = model(next_ids, positions, cache_slots=slot_t, key_mask=key_mask, kv_len=slot + 1,
-                               last_only=True)[:, -1]
+                logits = step_fn(next_ids, positions, slot_t, key_mask, fixed_len or slot + 1)
 
     def run(self) -> Iterator[GenerationOutput]:
         for _ in self.steps():

@@ -341,7 +341,11 @@ class GPT(nn.Module):
             slots2d = cache_slots if cache_slots.dim() == 2 else cache_slots[None, :].expand(b, t)
             if kv_len is None:
                 kv_len = int(slots2d.max()) + 1
-            mask = self._cache_mask(slots2d, positions, key_mask, kv_len)
+            if (t == 1 and key_mask is None and self.config.sliding_window is None
+                    and not torch.compiler.is_compiling() and int(slots2d.min()) >= kv_len - 1):
+                mask = None  # one query at the newest slot sees every slot: SDPA's unmasked path is cheaper
+            else:
+                mask = self._cache_mask(slots2d, positions, key_mask, kv_len)
         else:
             kv_len = t
             mask = self._full_mask(t, key_mask, device)

@@ -19,6 +19,7 @@ from .config import ConfigError, dataclass_from_dict, load_yaml
 Direction = Literal["input", "output"]
 
 DEFAULT_REFUSAL = "I can't help with that request."
+CONTENT_FILTER = "content_filter"  # OpenAI's finish_reason for an output cut by moderation
 
 
 @dataclass
@@ -214,6 +215,10 @@ class Moderator:
         if not verdict.allowed:
             raise ModerationError(verdict, self.refusal)
 
+    def stream_guard(self) -> "OutputStreamGuard":
+        """A guard for one streamed output: `push(delta)` returns the text that may be shown."""
+        return OutputStreamGuard(self)
+
     def _check(self, direction: Direction, text: str) -> ModerationVerdict:
         if not isinstance(text, str):
             raise TypeError(f"moderation expects text (str), got {type(text).__name__}")
@@ -227,4 +232,38 @@ class Moderator:
         return ModerationVerdict(False, direction, f"{direction} matched blocked {kind} {rule!r}", rule)
 
 
-__all__ = ["RuleSet", "ModerationConfig", "ModerationVerdict", "ModerationError", "Moderator", "DEFAULT_REFUSAL"]
+class OutputStreamGuard:
+    """Moderates one streamed output: each delta is checked together with all text before it.
+
+    A delta is released only if the text so far, including it, is allowed; after the first blocked
+    prefix nothing more is released and `verdict` says why. Text released earlier stays released
+    (see the limits in docs/safety.md).
+    """
+
+    def __init__(self, moderator: Moderator) -> None:
+        self.moderator = moderator
+        self.text = ""
+        self.verdict: Optional[ModerationVerdict] = None
+
+    @property
+    def blocked(self) -> bool:
+        return self.verdict is not None
+
+    def push(self, delta: str) -> str:
+        """The part of `delta` that may be shown: all of it, or "" once the output is blocked."""
+        if self.verdict is not None or not delta:
+            return ""
+        verdict = self.moderator.check_output(self.text + delta)
+        if not verdict.allowed:
+            self.verdict = verdict
+            return ""
+        self.text += delta
+        return delta
+
+
+def load_moderator(path: Optional[str | Path], *, registry: Any = None) -> Optional[Moderator]:
+    """The Moderator for a `--moderation FILE` option, or None when no file is given."""
+    return Moderator.from_file(path, registry=registry) if path else None
+
+
+__all__ = ["OutputStreamGuard", "load_moderator", "CONTENT_FILTER", "RuleSet", "ModerationConfig", "ModerationVerdict", "ModerationError", "Moderator", "DEFAULT_REFUSAL"]

@@ -66,6 +66,7 @@ def test_structured_prune_zero_sparsity_is_identity(trained_dirs):
         torch.testing.assert_close(same(ids), model(ids))
 
 
+@pytest.mark.slow
 def test_recovery_finetune_keeps_zeros_and_lowers_loss(trained_dirs, tmp_path):
     model = GPT.from_pretrained(trained_dirs["gpt2"])
     magnitude_prune(model, 0.7)

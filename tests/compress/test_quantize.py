@@ -73,7 +73,6 @@ def test_quantized_model_saves_loads_generates_and_evaluates(trained_dirs, tmp_p
 
 
 def test_quantized_size_shrinks(trained_dirs, tmp_path):
-    float_size = (tmp_path / "x").mkdir() or 0
     model = GPT.from_pretrained(trained_dirs["gpt2"])
     float_size = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values())
     for method, factor in (("int8", 0.4), ("int4", 0.3)):
@@ -101,6 +100,10 @@ def test_cli_quantize_and_bad_arguments(trained_dirs, tmp_path, capsys):
     assert main(["quantize", "--model", trained_dirs["gpt2"], "--method", "int8", "--out", str(out),
                  "--dynamic-activations"]) == 0
     assert GPT.from_pretrained(out).blocks[0].mlp.up.dynamic_activations
+    assert main(["quantize", "--model", trained_dirs["llama"], "--method", "int4", "--keep-lm-head",
+                 "--out", str(tmp_path / "q4")]) == 0
+    q4 = GPT.from_pretrained(tmp_path / "q4")
+    assert isinstance(q4.blocks[0].mlp.gate, Int4Linear) and isinstance(q4.lm_head, torch.nn.Linear)
     assert main(["quantize", "--model", trained_dirs["gpt2"], "--method", "int3", "--out", str(tmp_path / "x")]) == 2
     assert "unknown quantization method 'int3'" in capsys.readouterr().err
     assert main(["quantize", "--model", trained_dirs["gpt2"], "--method", "int4", "--group-size", "48",

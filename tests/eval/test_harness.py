@@ -1,6 +1,7 @@
 """The lm-eval adapter, offline: custom task YAMLs over local JSONL files (--include-path)."""
 
 import pytest
+import torch
 
 from gptforge.eval.perplexity import perplexity_of_text
 from gptforge.eval.tasks import evaluate_task
@@ -76,6 +77,10 @@ def test_registered_by_name_and_loads_a_directory(model_dir):
 
     lm = get_model("gptforge").create_from_arg_string(f"pretrained={model_dir},batch_size=2", {"device": "cpu"})
     assert lm.batch_size_per_gpu == 2 and lm.max_length == 64
+    if not torch.cuda.is_available():
+        # lm-eval's command line asks for cuda by default; without CUDA the CPU is used, like its HF backend.
+        lm = get_model("gptforge").create_from_arg_string(f"pretrained={model_dir}", {"device": "cuda"})
+        assert next(lm.model.parameters()).device.type == "cpu"
     with pytest.raises(ValueError, match="pretrained=DIR"):
         get_model("gptforge")()
 

@@ -163,3 +163,16 @@ def test_model_generate_facade_and_cache_restored(model, tokenizer):
     assert len(out) == 1 and len(out[0].token_ids) == 3
     assert model.blocks[0].attn.kv_cache is before and model.cache_max_len == 16
     model.clear_cache()
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens(tokenizer):
+    torch.manual_seed(0)
+    config = Config.from_name("nano").replace(vocab_size=tokenizer.vocab_size, block_size=64, init_std=0.2)
+    model = GPT(config).eval()
+    kwargs = dict(max_new_tokens=10, eos_token_id=[])
+    # one prompt, one shape: a single graph to compile keeps this test short
+    eager = generate(model, PROMPTS[:1], tokenizer, **kwargs)
+    compiled = generate(model, PROMPTS[:1], tokenizer, compile=True, **kwargs)
+    assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
+    assert "".join(stream(model, PROMPTS[0], tokenizer, compile=True, **kwargs)) == eager[0].text

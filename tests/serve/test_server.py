@@ -288,7 +288,7 @@ MC_RECORDS = [
     {"prompt": "Once upon a", "choices": [" time", " dog", " model"], "answer": 0},
     {"prompt": "The lazy", "choices": [" dog", " fox"], "answer": 0},
     {"prompt": "a tiny model that served", "choices": [" requests", " apples"], "answer": 0},
-    {"prompt": "0123", "choices": ["456", "abc", "xyz"], "answer": 0},
+    {"prompt": "Hello world! {\"name\":", "choices": [" \"fox\"", " \"dog\"", " tree"], "answer": 0},
 ]
 MC_YAML = """\
 task: gptforge_serve_mc
@@ -309,35 +309,97 @@ metric_list:
 
 
 @pytest.mark.slow
-def test_lm_eval_local_completions_equals_in_process_harness(server, model_dir, tmp_path):
-    """`lm_eval --model local-completions` (token-id requests, the server's tokenizer) against the server
-    scores a custom JSONL multiple-choice task exactly as the in-process `gptforge eval --harness` does."""
-    import glob
-    import os
-    import subprocess
-    import sys
+def test_lm_eval_local_completions_equals_in_process_harness(server, model_dir, tmp_path, monkeypatch):
+    """lm-eval's `local-completions` model (token-id requests, the server's tokenizer via /tokenize) against
+    the server scores a custom JSONL multiple-choice task exactly as the in-process `gptforge eval --harness`."""
+    import lm_eval
+    import lm_eval.models.openai_completions  # noqa: F401  (registers "local-completions")
+    from lm_eval.tasks import TaskManager
 
     from gptforge.eval.harness import run_harness
 
+    for name, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": API_KEY,
+                        "HF_DATASETS_CACHE": str(tmp_path / "hf")}.items():
+        monkeypatch.setenv(name, value)
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in MC_RECORDS))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "mc.yaml").write_text(MC_YAML.format(data=data))
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": API_KEY,
-           "HF_DATASETS_CACHE": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false"}
     model_args = (f"model={MODEL_NAME},base_url={server.base}/v1/completions,tokenized_requests=True,"
                   f"tokenizer_backend=remote,auth_token={API_KEY},max_length=120,num_concurrent=4,max_retries=1")
-    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args,
-           "--tasks", "gptforge_serve_mc", "--include_path", str(tasks), "--output_path", str(tmp_path / "out"),
-           "--batch_size", "1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (result_file,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
-    served = json.loads(open(result_file).read())["results"]["gptforge_serve_mc"]
+    output = lm_eval.simple_evaluate(model="local-completions", model_args=model_args, tasks=["gptforge_serve_mc"],
+                                     task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                                     batch_size=1, bootstrap_iters=0)
+    served = output["results"]["gptforge_serve_mc"]
     local = run_harness(model_dir, ["gptforge_serve_mc"], include_path=tasks, batch_size=4)["results"]["gptforge_serve_mc"]
+    assert output["n-samples"]["gptforge_serve_mc"]["effective"] == len(MC_RECORDS)
     assert served["acc,none"] == pytest.approx(local["acc"])
     assert served["acc_norm,none"] == pytest.approx(local["acc_norm"])
+    print("served", served, "local", local)
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.mark.slow
+def test_chat_page_in_headless_chromium(server, client, tmp_path):
+    """The chat page in Debian's Chromium: API key field, system prompt, sampling controls, streaming, stop."""
+    import os
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    wait = WebDriverWait(driver, 30)
+    by_id = lambda name: driver.find_element(By.ID, name)  # noqa: E731
+
+    def set_value(name, value):
+        driver.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('change'))",
+                              by_id(name), value)
+
+    try:
+        driver.get(f"{server.base}/")  # the page itself loads without a key...
+        wait.until(lambda d: "401" in by_id("model-name").text)  # ...but the API needs one
+        set_value("api-key", API_KEY)
+        wait.until(lambda d: by_id("model-name").text == MODEL_NAME)
+        set_value("system-prompt", "Be brief.")
+        set_value("temperature", "0")
+        set_value("max-tokens", "12")
+        by_id("prompt").send_keys("Hello!")
+        by_id("send").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".message.assistant[data-done='true']"))
+        reply = driver.find_element(By.CSS_SELECTOR, ".message.assistant")
+        expected = client.chat.completions.create(
+            model=MODEL_NAME, temperature=0, max_tokens=12,
+            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}])
+        assert reply.text == expected.choices[0].message.content.strip() or \
+            driver.execute_script("return arguments[0].textContent", reply) == expected.choices[0].message.content
+        assert reply.get_attribute("data-finish-reason") == expected.choices[0].finish_reason
+        assert by_id("error").get_attribute("hidden") is not None
+        # the stop button aborts a long reply mid-stream
+        by_id("clear").click()  # a new conversation keeps the prompt short
+        set_value("max-tokens", "80")
+        set_value("temperature", "1")
+        by_id("prompt").send_keys("Go on")
+        driver.execute_script("document.getElementById('send').click();"
+                              "setTimeout(() => document.getElementById('stop').click(), 30);")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".message.assistant[data-done='true']"))
+        (second,) = driver.find_elements(By.CSS_SELECTOR, ".message.assistant")
+        assert by_id("error").get_attribute("hidden") is not None, by_id("error").text
+        assert second.get_attribute("data-finish-reason") == "stopped"
+        assert not by_id("send").get_attribute("disabled") and by_id("stop").get_attribute("disabled")
+    finally:
+        driver.quit()
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(server):

@@ -24,6 +24,9 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).resolve() == Path(args.model).resolve():
         raise ValueError("--out must differ from --model")
     if args.format == "gguf":
+        import logging
+
+        logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file it opens at INFO
         from ..interop.gguf import GGUF_TYPES, export_gguf, gguf_architecture
 
         outtype = args.dtype or "f32"

@@ -20,7 +20,6 @@ the same command always builds the same prompts.
 from __future__ import annotations
 
 import json
-import math
 import random
 import string
 from dataclasses import dataclass, field
@@ -224,8 +223,12 @@ def fewshot_prompts(examples: Sequence[TaskExample], shots: int, *, pool: Option
     prompts = []
     for index, example in enumerate(examples):
         rng = random.Random(f"{seed}:{index}")
-        candidates = [i for i in range(len(pool)) if not (exclude_self and i == index)]
-        demos = [pool[i] for i in rng.sample(candidates, shots)]
+        if exclude_self:
+            # Draw from the other len(pool) - 1 examples: indices at or after the query's shift by one.
+            drawn = [i + (i >= index) for i in rng.sample(range(len(pool) - 1), shots)]
+        else:
+            drawn = rng.sample(range(len(pool)), shots)
+        demos = [pool[i] for i in drawn]
         shown = [d.prompt + TARGET_DELIMITER + d.target for d in demos]
         prompts.append(FEWSHOT_DELIMITER.join(shown + [example.prompt]))
     return prompts
@@ -341,5 +344,4 @@ def evaluate_task(model: "GPT", tokenizer: "Tokenizer", path: str | Path, task_t
         names = metric_names or TASK_METRICS[task_type]
         scores = text_metrics.generation_metrics([p.strip() for p in predictions],
                                                  [e.references for e in examples], names)
-    scores = {k: (v if math.isfinite(v) else float("nan")) for k, v in scores.items()}
     return TaskResult(str(path), task_type, len(examples), shots, scores, predictions)

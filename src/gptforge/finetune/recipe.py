@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -26,6 +27,7 @@ from ..data.sft import BASIC_FORMATS
 from ..data.tasks import TASK_FIELDS
 from ..train.lora import LoRAConfig
 
+_TASK_OVERRIDE = re.compile(r"^tasks\.(\d+)\.(.+=.*)$", re.S)  # --tasks.0.metric=rougeL
 FORMATS = ("auto",) + BASIC_FORMATS + tuple(TASK_FIELDS)
 METRICS = ("auto", "none", "accuracy", "exact_match", "f1", "bleu", "chrf", "rouge1", "rouge2", "rougeL")
 
@@ -48,6 +50,7 @@ class TaskRecipe:
     metric: str = "auto"  # validation metric besides val_loss (auto: by format, see tasks.DEFAULT_METRIC)
     baseline: Optional[str] = None  # a record field used as a trivial prediction (e.g. `name`), scored on test
     max_eval_examples: int = 64  # per evaluation; 0 = all
+    max_test_examples: int = 0  # test records scored after training (an evenly spread subset); 0 = all
     max_new_tokens: int = 32  # generated tokens for generative metrics
     stop: list[str] = field(default_factory=lambda: ["\n"])  # stop strings for generative metrics
 
@@ -163,8 +166,21 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> FinetuneRe
             raise ConfigError(f"{source}: section {name!r} must be a mapping")
         built[name] = dataclass_from_dict(cls, raw, f"{source} {name}")
     recipe = FinetuneRecipe(tasks=tasks, **built, **data)
+    for obj in [recipe, *tasks, *built.values()]:
+        _coerce_floats(obj, source)
     recipe.validate()
     return recipe
+
+
+def _coerce_floats(obj: Any, source: str) -> None:
+    """YAML reads `1e-4` (no dot) as a string; turn such values of float fields into floats."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, str) and "float" in str(f.type):
+            try:
+                setattr(obj, f.name, float(value))
+            except ValueError:
+                raise ConfigError(f"{source}: field {f.name!r} must be a number, got {value!r}") from None
 
 
 def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = (), *,
@@ -185,7 +201,18 @@ def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             raise ConfigError(f"--data names {len(data_files)} file(s) but {source} has {len(tasks)} task(s); "
                               "give one file per task, in order")
         raw["tasks"] = [{**(tasks[i] if tasks else {}), "data": f} for i, f in enumerate(data_files)]
-    apply_overrides(raw, list(overrides))
+    plain = []
+    for item in overrides:
+        match = _TASK_OVERRIDE.match(item.lstrip("-"))
+        if match is None:
+            plain.append(item)
+            continue
+        index, rest = int(match.group(1)), match.group(2)
+        tasks = raw.get("tasks") or []
+        if index >= len(tasks):
+            raise ConfigError(f"override {item!r}: there is no tasks[{index}] (the run has {len(tasks)} task(s))")
+        apply_overrides(tasks[index], [rest])
+    apply_overrides(raw, plain)
     return recipe_from_dict(raw, source)
 
 

@@ -65,6 +65,9 @@ def build_task(spec: TaskRecipe, tokenizer: Any, *, seed: int = 0, classificatio
     else:
         train_records, val_records = _split_records(train_records, spec.val_fraction, seed)
     test_records = read_records(spec.test_data) if spec.test_data else []
+    if spec.max_test_examples and len(test_records) > spec.max_test_examples:
+        stride = len(test_records) / spec.max_test_examples  # evenly spread: every module keeps a share
+        test_records = [test_records[int(i * stride)] for i in range(spec.max_test_examples)]
     template = None
     if fmt in BASIC_FORMATS:
         if classification_head:

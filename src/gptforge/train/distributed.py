@@ -83,6 +83,8 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: str = "auto") -> nn.Modul
 
 def is_fsdp(model: nn.Module) -> bool:
     """Whether `model` was sharded with FSDP2 (its parameters are DTensors)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False  # FSDP needs a process group; skip importing DTensor (slow) otherwise
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - older torch

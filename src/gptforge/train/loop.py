@@ -319,7 +319,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_source: BatchSource, out_dir
     config = getattr(bare, "config", None)
     peak = cfg.peak_flops or estimate_peak_flops(device)
     result = TrainResult(run_dir=run_dir, steps=step, tokens=tokens_seen, best_metric=best_metric, best_step=best_step)
-    bar = ProgressBar(cfg.max_steps, step, cfg.progress and info.is_main, 0.0, peak)
+    bar = ProgressBar(cfg.max_steps, step, cfg.progress and info.is_main, 0.0, peak, info.is_main)
     started = time.perf_counter()
     last_eval_step = step if start_ckpt is not None else -1
     last_ckpt_step = step if start_ckpt is not None else -1

@@ -156,7 +156,9 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
 class ProgressBar:
     """tqdm bar over optimizer steps with loss, tokens/s, MFU; tqdm itself shows the ETA."""
 
-    def __init__(self, total: int, initial: int, enabled: bool, flops_per_token: float, peak_flops: float) -> None:
+    def __init__(self, total: int, initial: int, enabled: bool, flops_per_token: float, peak_flops: float,
+                 is_main: bool = True) -> None:
+        self.is_main = is_main  # other ranks stay quiet
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.bar = None
@@ -180,7 +182,7 @@ class ProgressBar:
     def write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
-        else:
+        elif self.is_main:
             log.info(text)
 
     def close(self) -> None:

@@ -1,0 +1,129 @@
+"""Decode and prefill speed of `gptforge.generate` against `transformers` `generate`, same weights, same run.
+
+A GPT-2 124M-shaped model with random weights (fp32) is saved once in HF format and loaded by both
+libraries. Decode tokens/s = N tokens / (time of generating N+1 tokens - time of generating 1), so the
+prefill is excluded; prefill tokens/s = prompt tokens / time of generating 1 token after that prompt.
+The memory-bandwidth bound is copy bandwidth / weight bytes per token: each decoded token streams
+every weight once. Prints one JSON object.
+
+    python benchmarks/decode.py                 # the full comparison (a few minutes on 2 cores)
+    python benchmarks/decode.py --compile       # also the torch.compile'd decode step
+    python benchmarks/decode.py --preset nano --new-tokens 8 --prompt-tokens 32   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from typing import Callable
+
+import torch
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of `repeats` runs (after one warm-up): the least disturbed by other processes."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) by a large tensor copy."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    seconds = best_time(lambda: dst.copy_(src), repeats)
+    return 2 * src.numel() * 4 / seconds
+
+
+def figure(ours: float, theirs: float) -> dict[str, float]:
+    return {"gptforge_tok_s": round(ours, 2), "transformers_tok_s": round(theirs, 2), "ratio": round(ours / theirs, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gpt2", help="gptforge config preset (default: gpt2, 124M)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the prefill figure")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
+    args = parser.parse_args()
+
+    import transformers
+
+    from gptforge.config import Config
+    from gptforge.generate import generate
+    from gptforge.model import GPT
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    load_before = os.getloadavg()
+    config = Config.from_name(args.preset)
+    model = GPT(config).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        ours = GPT.from_pretrained(tmp).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    del model
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    vocab = config.vocab_size
+    n = args.new_tokens
+
+    def ours_run(prompts: torch.Tensor, new: int, compile: bool = False) -> None:
+        generate(ours, prompts.tolist(), max_new_tokens=new, eos_token_id=[], compile=compile)
+
+    def hf_run(prompts: torch.Tensor, new: int) -> None:
+        with torch.inference_mode():
+            hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new,
+                        do_sample=False)
+
+    def decode_rate(run: Callable[[torch.Tensor, int], None], batch: int) -> float:
+        prompts = torch.randint(0, vocab, (batch, 16))
+        total = best_time(lambda: run(prompts, n + 1), args.repeats)
+        prefill = best_time(lambda: run(prompts, 1), args.repeats)
+        return batch * n / max(total - prefill, 1e-9)
+
+    def prefill_rate(run: Callable[[torch.Tensor, int], None]) -> float:
+        prompt = torch.randint(0, vocab, (1, args.prompt_tokens))
+        return args.prompt_tokens / best_time(lambda: run(prompt, 1), args.repeats)
+
+    results: dict[str, object] = {
+        "benchmark": "decode", "preset": args.preset, "params": ours.num_params(), "dtype": "float32",
+        "threads": args.threads, "new_tokens": n, "torch": torch.__version__, "transformers": transformers.__version__,
+    }
+    ours_b1 = decode_rate(ours_run, 1)
+    results["decode_batch1"] = figure(ours_b1, decode_rate(hf_run, 1))
+    results["decode_batch8"] = figure(decode_rate(ours_run, 8), decode_rate(hf_run, 8))
+    results["prefill"] = {"prompt_tokens": args.prompt_tokens, **figure(prefill_rate(ours_run), prefill_rate(hf_run))}
+    best_b1 = ours_b1
+    if args.compile:
+        start = time.perf_counter()
+        ours_run(torch.randint(0, vocab, (1, 16)), n + 1, compile=True)
+        compile_s = time.perf_counter() - start
+        compiled = decode_rate(lambda p, k: ours_run(p, k, compile=True), 1)
+        results["decode_batch1_compiled"] = {**figure(compiled, results["decode_batch1"]["transformers_tok_s"]),
+                                             "first_call_s": round(compile_s, 1)}
+        best_b1 = max(best_b1, compiled)
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in ours.parameters()}.values())
+    bandwidth = copy_bandwidth()
+    bound = bandwidth / weight_bytes
+    results["memory_bound"] = {
+        "weight_bytes_per_token": weight_bytes, "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "bound_tok_s": round(bound, 2), "gptforge_batch1_fraction": round(best_b1 / bound, 3),
+        "transformers_batch1_fraction": round(results["decode_batch1"]["transformers_tok_s"] / bound, 3),
+    }
+    results["load_avg_before"] = [round(x, 2) for x in load_before]
+    results["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
