@@ -6,7 +6,8 @@ continuations) and `loglikelihood_rolling` (perplexity of long documents). The f
 tokens per second; the answers are compared too (max |delta log-likelihood|, greedy flags).
 Random-init weights: speed does not depend on the values.
 
-    python benchmarks/eval.py                 # GPT-2-small-shaped model (a few minutes on 2 cores)
+    python benchmarks/eval.py                 # 6-layer 384-wide model, 8k vocab (a few minutes on 2 cores)
+    python benchmarks/eval.py --gpt2          # GPT-2-124M-shaped model (slow on CPU)
     python benchmarks/eval.py --quick         # tiny model, few requests (smoke run)
 """
 
@@ -25,16 +26,22 @@ import torch
 from gptforge import GPT, Tokenizer
 
 
-def build_model(directory: Path, quick: bool) -> None:
+SIZES = {
+    "quick": dict(n_layer=2, n_head=2, n_embd=64, block_size=256),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=512),
+}
+
+
+def build_model(directory: Path, size: str) -> None:
     words = ("the cat dog sat on mat log capital of France Italy two plus four question answer colour sky "
              "green blue tree bird sang river stone king queen castle garden window door").split()
     rng = random.Random(0)
     texts = [" ".join(rng.choice(words) for _ in range(40)) + "." for _ in range(400)]
-    tokenizer = Tokenizer.train_bpe(texts, vocab_size=512 if quick else 8192)
-    size = dict(n_layer=2, n_head=2, n_embd=64, block_size=256) if quick else \
-        dict(n_layer=12, n_head=12, n_embd=768, block_size=512)
+    tokenizer = Tokenizer.train_bpe(texts, vocab_size=512 if size == "quick" else 8192)
     torch.manual_seed(0)
-    GPT.from_config("gpt2", vocab_size=tokenizer.vocab_size, **size).save_pretrained(directory, tokenizer=tokenizer)
+    model = GPT.from_config("gpt2", vocab_size=tokenizer.vocab_size, **SIZES[size])
+    model.save_pretrained(directory, tokenizer=tokenizer)
 
 
 def requests(n_questions: int, n_docs: int, doc_words: int):
@@ -62,7 +69,8 @@ def timed(fn, *args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few requests")
+    parser.add_argument("--gpt2", action="store_true", help="GPT-2-124M-shaped model")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -74,14 +82,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "model"
-        build_model(directory, args.quick)
+        size = "quick" if args.quick else "gpt2" if args.gpt2 else "small"
+        build_model(directory, size)
         ours = GPTForgeLM(str(directory), batch_size=args.batch_size, device="cpu")
         hf_model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
         hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=ours.tokenizer.backend,
                                                             eos_token="<|endoftext|>", pad_token="<|pad|>")
         peer = HFLM(pretrained=hf_model, tokenizer=hf_tokenizer, batch_size=args.batch_size,
                     max_length=ours.max_length, device="cpu")
-        ll, rolling = requests(*((8, 2, 300) if args.quick else (64, 8, 1500)))
+        ll, rolling = requests(*((8, 2, 300) if args.quick else (32, 4, 800)))
         figures = {}
         for name, method, reqs in (("loglikelihood", "loglikelihood", ll),
                                    ("loglikelihood_rolling", "loglikelihood_rolling", rolling)):
@@ -108,7 +117,7 @@ def main() -> None:
                              "lm_eval_hflm_tokens_per_s": round(tokens / t_peer, 1),
                              "ratio": round(t_peer / t_ours, 3), "max_abs_loglik_delta": delta,
                              "greedy_flags_equal": greedy_equal}
-    print(json.dumps({"benchmark": "eval", "model": "tiny" if args.quick else "gpt2-124M-shaped (random init)",
+    print(json.dumps({"benchmark": "eval", "model": f"{size}: {SIZES[size]} (random init)",
                       "batch_size": args.batch_size, "device": "cpu", "threads": torch.get_num_threads(),
                       "loadavg": os.getloadavg(), "results": figures,
                       "date": time.strftime("%Y-%m-%d", time.gmtime())}, indent=2))

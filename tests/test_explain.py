@@ -141,3 +141,48 @@ def test_cli_explain(tiny_model, tmp_path, capsys):
                  "--top-k", "-1"]) == 2
     assert "--top-k" in capsys.readouterr().err
     assert main(["explain", "--model", str(tmp_path / "nope"), "--text", "x", "--out", str(out)]) == 2
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.mark.slow
+def test_report_page_in_headless_chromium(tiny_model, tmp_path):
+    """The HTML page works offline in a real browser: tokens, hover details, attention view."""
+    import os
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    model, _ = tiny_model
+    result = explain(model, "def add(a, b):")
+    page = write_report(result, tmp_path / "report")["html"]
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    try:
+        driver.get(page.as_uri())
+        spans = driver.find_elements(By.CSS_SELECTOR, "#tokens .tok")
+        assert [s.get_attribute("textContent") for s in spans] == result.token_strings
+        assert f"{len(result.tokens)} tokens" in driver.find_element(By.ID, "summary").text
+        ActionChains(driver).move_to_element(spans[2]).perform()
+        info = driver.find_element(By.ID, "info").text
+        assert f"rank {result.tokens[2].rank}" in info and "expected:" in info
+        surprisal_colours = [s.value_of_css_property("background-color") for s in spans]
+        driver.execute_script("const m = document.getElementById('mode'); m.value = 'attention';"
+                              "m.dispatchEvent(new Event('change'))")
+        spans[-1].click()
+        attention_colours = [s.value_of_css_property("background-color") for s in spans]
+        assert attention_colours != surprisal_colours
+        assert len(driver.find_elements(By.CSS_SELECTOR, "figure img")) == 1 + model.config.n_layer
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()

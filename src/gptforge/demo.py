@@ -224,7 +224,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
         pretrain(recipe, overrides=timing, resume=resume)
     train_seconds = _elapsed(out / "metrics.jsonl")
 
-    echo("[3/4] validation perplexity (held-out tail of the corpus)")
+    echo("[3/4] validation perplexity on held-out code (the validation split)")
     model = GPT.from_pretrained(out / "model")
     corpus = load_prepared(out / "data")
     scores = validation_report(model, corpus, min(recipe.data.seq_len, model.config.block_size))

@@ -210,8 +210,8 @@ def _token_text(tokenizer: Optional["Tokenizer"], token_id: int) -> str:
 # ---- pictures and the HTML page ---------------------------------------------------------------------
 
 def _label(token: str, limit: int = 12) -> str:
-    shown = token.replace("\n", "\\n").replace("\t", "\\t")
-    shown = shown if shown.strip() else repr(token)[1:-1] or "·"
+    """A short, visible tick label: spaces as '·', newlines and tabs escaped."""
+    shown = token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "·") or "∅"
     return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
@@ -224,7 +224,7 @@ def attention_figure_png(weights: torch.Tensor, labels: Sequence[str], title: st
     cols = min(n_head, 4)
     rows = math.ceil(n_head / cols)
     cell = max(2.6, min(0.28 * t + 1.2, 7.0))
-    fig = Figure(figsize=(cols * cell, rows * cell + 0.6))
+    fig = Figure(figsize=(cols * cell + 1.2, rows * cell + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
     shown = [_label(s) for s in labels]
     ticks = t <= 40
@@ -238,10 +238,10 @@ def attention_figure_png(weights: torch.Tensor, labels: Sequence[str], title: st
         else:
             ax.set_xlabel("key position", fontsize=7)
             ax.set_ylabel("query position", fontsize=7)
-    fig.colorbar(image, ax=fig.axes, shrink=0.6, label="attention weight")
+    fig.colorbar(image, ax=fig.axes, shrink=0.8, label="attention weight")
     fig.suptitle(title)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=90)
     return buffer.getvalue()
 
 

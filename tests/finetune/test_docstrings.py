@@ -80,10 +80,17 @@ def test_real_stdlib_package_gives_pairs():
 
 
 def test_docstring_recipe_in_configs_loads():
-    recipe = load_recipe(REPO / "configs" / "finetune-docstrings.yaml", ["--train.max_steps=5"])
+    recipe = load_recipe(REPO / "configs" / "finetune-docstrings.yaml",
+                         ["--train.max_steps=5", "--train.lr=1e-4", "--tasks.0.max_new_tokens=7"])
     task = recipe.tasks[0]
     assert task.metric == "rougeL" and task.baseline == "name" and task.test_data
-    assert recipe.train.max_steps == 5
+    assert recipe.train.max_steps == 5 and recipe.train.lr == 1e-4  # YAML reads 1e-4 as a string
+    assert task.max_new_tokens == 7
+    with pytest.raises(ValueError, match=r"no tasks\[3\]"):
+        load_recipe(REPO / "configs" / "finetune-docstrings.yaml", ["--tasks.3.weight=2"])
+    with pytest.raises(ValueError, match="packing"):
+        load_recipe(REPO / "configs" / "finetune-docstrings.yaml", ["--head=classification", "--data.packing=true",
+                                                                    "--tasks.0.format=classification"])
     lora = load_recipe(REPO / "configs" / "finetune-lora.yaml", data_files=["x.jsonl"])
     assert lora.method == "lora" and lora.tasks[0].data == "x.jsonl"
     with pytest.raises(ValueError, match=r"has 1 task\(s\)"):

@@ -96,7 +96,7 @@ def test_multitask_run_reports_per_task_metrics(tmp_path, base_model):
 
 def test_early_stopping_on_the_validation_metric(tmp_path, base_model):
     recipe = recipe_from_dict({
-        "model": str(base_model), "out_dir": str(tmp_path / "es"), "tasks": [sorted_task(tmp_path, n_train=32)],
+        "model": str(base_model), "out_dir": str(tmp_path / "es"), "tasks": [{**sorted_task(tmp_path, n_train=32), "test_data": None, "max_eval_examples": 8}],
         "data": {"batch_size": 4, "max_len": 32},
         # An improvement must beat min_delta; none can, so patience runs out after two evaluations.
         "train": {"max_steps": 50, "lr": 1e-4, "eval_every": 1, "early_stopping_patience": 2,

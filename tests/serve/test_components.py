@@ -117,3 +117,31 @@ def test_api_error_shape():
                                     "code": "queue_full"}}
     assert err.response().headers["retry-after"] == "3"
     assert json.loads(err.sse()[len("data: "):])["error"]["code"] == "queue_full"
+
+
+def test_deploy_files_reference_real_metrics():
+    """Alert rules, the dashboard and the HPA only use metric names the server exports."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from gptforge.serve.metrics import ServerMetrics
+
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    exported = set(re.findall(r"^# TYPE (\w+) (\w+)", ServerMetrics().render().decode(), re.M))
+    names = {name for name, _ in exported}
+    names |= {f"{name}_{suffix}" for name, kind in exported if kind == "histogram"
+              for suffix in ("bucket", "sum", "count")}
+    names |= {f"{name}_total" for name, kind in exported if kind == "counter"}
+    rules = yaml.safe_load((deploy / "prometheus" / "alerts.yaml").read_text())["groups"][0]["rules"]
+    texts = [r["expr"] for r in rules]
+    texts += [t["expr"] for p in json.loads((deploy / "grafana" / "gptforge-serve.json").read_text())["panels"]
+              for t in p["targets"]]
+    hpa = yaml.safe_load((deploy / "kubernetes" / "hpa.yaml").read_text())
+    texts += [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    used = {name for text in texts for name in re.findall(r"\bgptforge_\w+", text)}
+    assert used and used <= names, used - names
+    kinds = {doc["kind"] for f in (deploy / "kubernetes").glob("*.yaml") for doc in yaml.safe_load_all(f.read_text())}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler"} <= kinds
+    assert "gptforge\", \"serve\"" in (deploy / "Dockerfile").read_text()

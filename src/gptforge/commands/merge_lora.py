@@ -31,6 +31,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--adapter {args.adapter}: no LoRA layers were loaded")
     merge_lora(body)
     with atomic_directory(args.out) as tmp:
-        model.save_pretrained(tmp) if isinstance(model, SequenceClassifier) else body.save_pretrained(tmp)
+        model.save_pretrained(tmp)  # a classifier writes its body and head; a GPT itself and its tokenizer
     print(f"merged {count} LoRA layers of {args.adapter} into {args.out}")
     return 0

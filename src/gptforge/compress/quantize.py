@@ -9,19 +9,17 @@ slower than the aten kernel on this CPU (it dequantizes per call), hence the ate
 On disk (safetensors, gptforge parameter names, `quantization_config` in config.json):
   int8  `<linear>.weight` int8 (N, K), `<linear>.weight_scale` fp32 (N,)
   int4  `<linear>.weight_packed` uint8 (N, K/2) (low nibble = even column), `<linear>.weight_scale` and
-        `<linear>.weight_zero` fp32 (N, K/group); a weight is (q - 8) * scale + zero, q in [0, 15].
+        `<linear>.weight_zero` bf16 (N, K/group); a weight is (q - 8) * scale + zero, q in [0, 15].
 The CPU kernel's packed int4 layout depends on the CPU, so it is rebuilt at load time from the portable one.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import Config
 from ..model import GPT
@@ -157,8 +155,9 @@ class Int4Linear(nn.Module):
         self.compute_dtype = compute_dtype
         groups = in_features // group_size
         self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("weight_scale", torch.ones(out_features, groups))
-        self.register_buffer("weight_zero", torch.zeros(out_features, groups))
+        # bf16 scales: what the kernel consumes anyway, and half the bytes of the per-group overhead.
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.bfloat16))
+        self.register_buffer("weight_zero", torch.zeros(out_features, groups, dtype=torch.bfloat16))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._kernel_weight: Optional[torch.Tensor] = None
 
@@ -168,7 +167,8 @@ class Int4Linear(nn.Module):
         """Quantize an nn.Linear."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, compute_dtype)
         q, scale, zero = quantize_int4(linear.weight, group_size)
-        module.weight_packed, module.weight_scale, module.weight_zero = pack_int4(q), scale, zero
+        module.weight_packed = pack_int4(q)
+        module.weight_scale, module.weight_zero = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
         if linear.bias is not None:
             module.bias = linear.bias.detach().float().clone()
         module.prepare()
@@ -177,7 +177,7 @@ class Int4Linear(nn.Module):
     def prepare(self) -> None:
         """Build the CPU kernel's packed weight and (K/g, N, 2) scale-and-zero table from the stored tensors."""
         q = unpack_int4(self.weight_packed).to(torch.int32)  # (N, K)
-        scale, zero = self.weight_scale, self.weight_zero
+        scale, zero = self.weight_scale.float(), self.weight_zero.float()
         pad = -self.out_features % 16  # the kernel packs rows in blocks of 16 (e.g. a 50257-token head)
         if pad:
             q = torch.cat([q, torch.full((pad, q.shape[1]), 8, dtype=q.dtype)])

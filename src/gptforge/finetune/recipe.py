@@ -128,6 +128,8 @@ class FinetuneRecipe:
         if self.head == "classification" and (len(self.tasks) != 1 or self.tasks[0].format
                                               not in ("auto", "classification", "sentiment")):
             raise ConfigError("head: classification needs exactly one classification/sentiment task")
+        if self.head == "classification" and self.data.packing:
+            raise ConfigError("data.packing cannot be combined with head: classification (one label per row)")
         for name in ("dropout", "attn_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:

@@ -111,6 +111,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest step-N folders kept
     log_every: int = 1  # steps between metrics records
     max_time: float = 0.0  # wall-clock budget in seconds (0: none); the run stops cleanly when spent
+    time_schedule: bool = False  # with max_time: the lr schedule follows elapsed time as well as steps, so the
+    # decay completes inside the budget whatever the machine's speed (resume is then not bit-exact)
     progress: bool = True  # tqdm bar on rank 0
     peak_flops: float = 0.0  # device peak FLOP/s for MFU (0: estimate)
     tensorboard: bool = False
@@ -366,7 +368,11 @@ def train(model: nn.Module, cfg: TrainConfig, train_source: BatchSource, out_dir
                 run_eval()  # the loss of the initial model, the curve's first point
             while step < cfg.max_steps:
                 t0 = time.perf_counter()
-                lr = schedule.apply(optimizer, step)
+                fraction = None
+                if cfg.time_schedule and cfg.max_time:
+                    elapsed = D.broadcast_object(time.perf_counter() - started, info)
+                    fraction = max(step / cfg.max_steps, elapsed / cfg.max_time)
+                lr = schedule.apply(optimizer, step, fraction)
                 batches = pending + [train_source.next_batch() for _ in range(accum - len(pending))]
                 pending = []
                 batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
 
@@ -36,31 +36,32 @@ class LRSchedule:
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate used for optimizer step `step` (0-based)."""
+    def lr_at(self, step: int, fraction: Optional[float] = None) -> float:
+        """Learning rate of optimizer step `step` (0-based); `fraction` overrides how far the run is (0..1)."""
         lr, min_lr = self.base_lr, self.base_lr * self.min_lr_ratio
         if step < self.warmup_steps:
             return lr * (step + 1) / self.warmup_steps
         if self.kind == "constant":
             return lr
         last = max(self.max_steps - 1, 1)
+        # Position in the run as a fraction of the last step (time-based schedules pass it directly).
+        done = min(step / last, 1.0) if fraction is None else min(max(fraction, 0.0), 1.0)
+        warm = self.warmup_steps / last
         if self.kind == "wsd":
-            decay_start = max(self.warmup_steps, int(round(self.max_steps * (1.0 - self.decay_fraction))))
-            if step < decay_start:
+            decay_start = max(warm, 1.0 - self.decay_fraction)
+            if done < decay_start:
                 return lr
-            span = max(last - decay_start, 1)
-            progress = min((step - decay_start) / span, 1.0)
+            progress = min((done - decay_start) / max(1.0 - decay_start, 1e-9), 1.0)
             # 1 - sqrt decay (Hägele et al. 2024) ends lower-loss than linear for the same budget.
             return min_lr + (lr - min_lr) * (1.0 - math.sqrt(progress))
-        span = max(last - self.warmup_steps, 1)
-        progress = min(max(step - self.warmup_steps, 0) / span, 1.0)
+        progress = min(max(done - warm, 0.0) / max(1.0 - warm, 1e-9), 1.0)
         if self.kind == "linear":
             return min_lr + (lr - min_lr) * (1.0 - progress)
         return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
-    def apply(self, optimizer: Any, step: int) -> float:
+    def apply(self, optimizer: Any, step: int, fraction: Optional[float] = None) -> float:
         """Set every param group's lr for `step` (groups may carry an `lr_scale`); return the base lr."""
-        lr = self.lr_at(step)
+        lr = self.lr_at(step, fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.current_step = step
