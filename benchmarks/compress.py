@@ -148,14 +148,16 @@ def speed_table(args: argparse.Namespace, work: Path) -> dict[str, dict[str, Any
             samples[name].append(run())
         print(f"[speed] round {round_ + 1}/{args.rounds}: " + ", ".join(
             f"{n} {samples[n][-1][1]:.1f} tok/s" for n in models), file=sys.stderr)
+    base_runs = samples["fp32"]
     for name in models:
-        rows[name]["decode_tok_s"] = statistics.median(s[1] for s in samples[name])
-        rows[name]["prefill_ms"] = 1e3 * statistics.median(s[0] for s in samples[name])
-    fp32 = rows["fp32"]
-    for row in rows.values():
-        row["decode_x_fp32"] = row["decode_tok_s"] / fp32["decode_tok_s"]
-        row["size_x_fp32"] = row["size_mb"] / fp32["size_mb"]
-        row["prefill_x_fp32"] = fp32["prefill_ms"] / row["prefill_ms"]
+        runs = samples[name]
+        rows[name]["decode_tok_s"] = statistics.median(s[1] for s in runs)
+        rows[name]["prefill_ms"] = 1e3 * statistics.median(s[0] for s in runs)
+        # Ratios per round (the same load for both sides), then their median.
+        rows[name]["decode_x_fp32"] = statistics.median(r[1] / b[1] for r, b in zip(runs, base_runs))
+        rows[name]["prefill_x_fp32"] = statistics.median(b[0] / r[0] for r, b in zip(runs, base_runs))
+        rows[name]["decode_tok_s_rounds"] = [round(r[1], 2) for r in runs]
+        rows[name]["size_x_fp32"] = rows[name]["size_mb"] / rows["fp32"]["size_mb"]
     return rows
 
 
@@ -180,7 +182,7 @@ def quality_table(args: argparse.Namespace, work: Path) -> Optional[dict[str, di
         return None
     text = text_path.read_text(encoding="utf-8")
     split = int(len(text) * 0.9)
-    base = Path(args.ppl_model) if args.ppl_model else work / "ppl-fp32"
+    base = Path(args.ppl_model) if args.ppl_model else Path(args.out) / "ppl-model"  # reused by later runs
     if not (base / "config.json").is_file():
         from gptforge.train.loop import TrainConfig, train
 
@@ -240,13 +242,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default="bench-compress", help="folder for compress.json and compress.png")
     parser.add_argument("--speed-model", default="gpt2", help="preset for the speed/size columns (default gpt2)")
     parser.add_argument("--text", default=str(DEFAULT_TEXT), help="training/held-out text for the ppl columns")
-    parser.add_argument("--ppl-model", help="reuse a trained model directory for the ppl columns")
+    parser.add_argument("--ppl-model", help="trained model directory for the ppl columns (default: OUT/ppl-model, "
+                        "trained on the first run and reused after)")
     parser.add_argument("--train-steps", type=int, default=400)
     parser.add_argument("--recover-steps", type=int, default=100)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--decode-tokens", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: 2, or 1 when the 1-minute load average exceeds 2: on a busy "
                              "2-core machine two OpenMP threads spend most of a step waiting for each other)")
@@ -275,7 +278,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "machine": {"cpu_threads": args.threads, "torch": torch.__version__,
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "speed_model": f"{args.speed_model} preset (random init), batch 1, prompt {args.prompt_len}, "
-                       f"{args.decode_tokens} decode tokens, median of {args.rounds} round-robin rounds",
+                       f"{args.decode_tokens} decode tokens, median of {args.rounds} round-robin rounds "
+                       "(ratios: median of per-round ratios)",
         "ppl_model": "micro-shaped GPT-2 (4 layers, 128 dims, BPE 1024) trained "
                      f"{args.train_steps} steps on tinyshakespeare (first 90%), ppl on the last 10%",
         "pruned50": "structured: half the heads and half the MLP channels per layer (heads method, Wanda-style scores)",

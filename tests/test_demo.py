@@ -56,10 +56,13 @@ def test_demo_end_to_end_and_reuse(tmp_path, capsys):
         assert f"prompt     | {item['prompt'].splitlines()[0]}" in printed
     assert "gptforge chat --model" in printed and "gptforge serve --model" in printed
 
-    # Re-running reuses the corpus and the model and reports the same perplexity.
-    assert main(["demo", "--out", str(out), *TINY]) == 0
+    # Re-running reuses the corpus and the model and reports the same perplexity, even when the
+    # command line differs: the folder keeps the settings it was trained with (no corpus rebuild).
+    manifest = (out / "data" / "manifest.json").read_text()
+    assert main(["demo", "--out", str(out), "--no-progress", "--max-new-tokens", "4"]) == 0
     again = capsys.readouterr().out
-    assert "reusing the model" in again
+    assert "reusing the model" in again and "note:" in again and "--fresh" in again
+    assert (out / "data" / "manifest.json").read_text() == manifest
     second = json.loads((out / "report.json").read_text())
     assert second["reused_model"] and second["val_perplexity"] == pytest.approx(report["val_perplexity"])
 

@@ -128,3 +128,65 @@ def test_load_moderator(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("blocked_terms: [x]\n")
     assert not load_moderator(str(path), registry=CollectorRegistry()).check_input("x").allowed
+
+
+# ---- the commands: `--moderation FILE` on generate and chat ---------------------------------------
+
+@pytest.fixture(scope="module")
+def policy_and_model(tmp_path_factory):
+    import torch
+
+    from gptforge import GPT, Tokenizer
+
+    root = tmp_path_factory.mktemp("moderated")
+    tokenizer = Tokenizer.train_bpe(["hello there, how are you? fine thanks. " * 20], vocab_size=300)
+    torch.manual_seed(0)
+    GPT.from_config("nano", vocab_size=tokenizer.vocab_size, block_size=64).save_pretrained(
+        root / "model", tokenizer=tokenizer)
+    (forced,) = tokenizer.encode("hello")  # a logit bias forces this token, so the output is known
+    policy = root / "policy.yaml"
+    policy.write_text("refusal: REFUSED-BY-POLICY\ninput:\n  blocked_terms: [secret plan]\n"
+                      "output:\n  blocked_patterns: ['(hello){3}']\n")
+    return root / "model", policy, forced
+
+
+def test_generate_command_moderates_prompts_and_outputs(policy_and_model, tmp_path, capsys):
+    import json
+
+    model, policy, forced = policy_and_model
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(model), "--moderation", str(policy), "--max-new-tokens", "6",
+                 "--prompt", "tell me the SECRET plan", "--prompt", "how are", "--output", str(out)]) == 0
+    blocked, allowed = [json.loads(line) for line in out.read_text().splitlines()]
+    assert blocked["text"] == "REFUSED-BY-POLICY" and blocked["finish_reason"] == "content_filter"
+    assert blocked["token_ids"] == [] and "secret plan" in blocked["moderation"]
+    assert allowed["finish_reason"] in ("stop", "length") and "moderation" not in allowed
+    assert main(["generate", "--model", str(model), "--moderation", str(policy), "--max-new-tokens", "6",
+                 "--prompt", "how are", "--logit-bias", f"{forced}=100", "--jsonl"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["text"] == "REFUSED-BY-POLICY" and record["finish_reason"] == "content_filter"
+    # Streaming stops before the delta that completes the blocked text, then prints the refusal.
+    assert main(["generate", "--model", str(model), "--moderation", str(policy), "--max-new-tokens", "6",
+                 "--prompt", "how are", "--logit-bias", f"{forced}=100", "--stream"]) == 0
+    streamed = capsys.readouterr().out
+    assert "hellohellohello" not in streamed and "REFUSED-BY-POLICY" in streamed
+    assert main(["generate", "--model", str(model), "--moderation", str(tmp_path / "none.yaml"),
+                 "--prompt", "x"]) == 2
+    assert "none.yaml" in capsys.readouterr().err
+
+
+def test_chat_command_moderates_messages_and_replies(policy_and_model):
+    import io
+
+    from gptforge import cli
+    from gptforge.commands import chat
+
+    model, policy, forced = policy_and_model
+    parser = cli.build_parser(["chat"])[0]
+    args = parser.parse_args(["chat", "--model", str(model), "--moderation", str(policy), "--max-new-tokens", "6",
+                              "--logit-bias", f"{forced}=100"])
+    stdout = io.StringIO()
+    assert chat.run(args, stdin=io.StringIO("the secret plan please\nhi\n/exit\n"), stdout=stdout) == 0
+    replies = [line for line in stdout.getvalue().splitlines() if line.startswith("assistant> ")]
+    assert len(replies) == 2 and replies[0] == "assistant> REFUSED-BY-POLICY"
+    assert "hellohellohello" not in stdout.getvalue() and replies[1].endswith("REFUSED-BY-POLICY")

@@ -185,15 +185,23 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
             elif target.exists():
                 target.unlink()
     budget_s = minutes * 60.0
-    base_overrides = [f"out_dir={out}", f"data.dir={out / 'data'}", f"train.seed={1337 + seed}"]
-    recipe = load_recipe(recipe_path, [*base_overrides, *overrides])
-    if not recipe.data.sources:
-        raise ConfigError(f"{recipe_path}: data.sources is empty; the demo recipe should read 'stdlib'")
     state_path = out / DEMO_STATE
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
     result_path = out / "result.json"
     finished = (out / "model" / "config.json").is_file() and result_path.is_file() and \
         not json.loads(result_path.read_text(encoding="utf-8")).get("interrupted")
+    resume = not finished and (out / "checkpoints" / "latest").exists() and bool(state.get("max_steps"))
+    overrides = list(overrides)
+    if (finished or resume) and state and (state.get("overrides") != overrides
+                                           or state.get("recipe") != str(recipe_path)):
+        # The corpus and model on disk belong to the earlier settings: keep using those, never mix.
+        echo(f"note: {out} was trained with {state.get('recipe')} {' '.join(state.get('overrides') or [])}; "
+             "reusing it with those settings (pass --fresh to train with the new ones)")
+        recipe_path, overrides = Path(state["recipe"]), list(state.get("overrides") or [])
+    base_overrides = [f"out_dir={out}", f"data.dir={out / 'data'}", f"train.seed={1337 + seed}"]
+    recipe = load_recipe(recipe_path, [*base_overrides, *overrides])
+    if not recipe.data.sources:
+        raise ConfigError(f"{recipe_path}: data.sources is empty; the demo recipe should read 'stdlib'")
 
     echo(f"[1/4] corpus: the Python standard library -> {out / 'data'}")
     corpus = prepare_data(recipe, progress=progress)
@@ -203,8 +211,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
     if finished:
         echo(f"[2/4] reusing the model trained earlier in {out / 'model'} (pass --fresh to train again)")
     else:
-        resume = (out / "checkpoints" / "latest").exists()
-        if resume and state.get("max_steps"):
+        if resume:
             steps = int(state["max_steps"])
             spent = float(state.get("budget_s", budget_s)) - _elapsed(out / "metrics.jsonl")
             budget_s = max(spent, 30.0)
@@ -218,7 +225,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
             echo(f"[2/4] pretraining for about {minutes:g} minute(s): {steps} steps at ~{step_s:.2f} s/step")
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(state_path, json.dumps({"max_steps": steps, "budget_s": minutes * 60.0,
-                                                  "recipe": str(recipe_path), "overrides": list(overrides)}))
+                                                  "recipe": str(recipe_path), "overrides": overrides}))
         timing = [f"train.max_steps={steps}", f"train.max_time={budget_s * 1.1:.1f}",
                   f"train.eval_every={max(1, steps // 4)}", f"train.progress={str(progress).lower()}"]
         pretrain(recipe, overrides=timing, resume=resume)

@@ -4,7 +4,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from gptforge.data.augment import AugmentConfig, augment_text
 from gptforge.data.sft import (IGNORE_INDEX, DataError, Example, Record, collate, detect_format, load_sft_examples,

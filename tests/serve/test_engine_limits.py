@@ -133,3 +133,47 @@ def test_output_masking_in_streams():
     pieces = ["write to al", "ice@exam", "ple.com\nthen ", "4111 1111 ", "1111 1111 ok"]
     out = "".join(redactor.push(p) for p in pieces) + redactor.flush()
     assert out == "write to [EMAIL]\nthen [CARD] ok"
+
+
+def test_moderation_policy_blocks_prompts_and_outputs(start_server, reference_model, tmp_path):
+    import torch
+
+    model, tok = reference_model
+    messages = [{"role": "user", "content": "Say something"}]
+    ids = tok.apply_chat_template(messages, tokenize=True)
+    with torch.no_grad():  # the greedy reply, to build an output rule that it trips
+        out = []
+        for _ in range(12):
+            token = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+            if token in tok.stop_token_ids():
+                break
+            out.append(token)
+    reply = tok.decode(out)
+    assert len(reply) >= 6, reply
+    blocked = reply[len(reply) // 2: len(reply) // 2 + 3]
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(json.dumps({"refusal": "Refused.", "input": {"blocked_terms": ["forbidden topic"]},
+                                  "output": {"blocked_patterns": [re.escape(blocked)]}}))
+    srv = start_server(ServerOptions(model_name=MODEL, api_keys=[KEY], moderation=str(policy)))
+
+    def chat(content, **extra):
+        return httpx.post(f"{srv.base}/v1/chat/completions", headers=AUTH, timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 12, "temperature": 0,
+            **extra})
+
+    r = chat("tell me about the Forbidden   Topic please").json()
+    assert r["choices"][0]["message"]["content"] == "Refused."
+    assert r["choices"][0]["finish_reason"] == "content_filter" and r["usage"]["completion_tokens"] == 0
+    r = chat("Say something").json()  # the output trips the rule: replaced by the refusal
+    assert r["choices"][0]["message"]["content"] == "Refused." and r["choices"][0]["finish_reason"] == "content_filter"
+    streamed, finishes = "", []
+    with httpx.stream("POST", f"{srv.base}/v1/chat/completions", headers=AUTH, timeout=60, json={
+            "model": MODEL, "messages": messages, "max_tokens": 12, "temperature": 0, "stream": True}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    streamed += choice["delta"].get("content") or ""
+                    finishes += [choice["finish_reason"]] if choice["finish_reason"] else []
+    assert blocked not in streamed and reply.startswith(streamed) and finishes == ["content_filter"]
+    metrics = httpx.get(f"{srv.base}/metrics", headers=AUTH).text
+    assert 'gptforge_moderation_blocked_total{direction="input",kind="term"} 1.0' in metrics

@@ -6,7 +6,6 @@ import json
 import math
 import re
 import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -180,6 +179,8 @@ def _post(server, path, body=None, content=None, headers=AUTH):
     ({"stop": 5}, "stop"),
     ({"suffix": "x"}, "suffix"),
     ({"max_tokens": 500}, "max_tokens"),
+    ({"seed": 2**70}, "seed"),
+    ({"prompt": ["a"] * 10, "n": 8}, "n"),  # 80 sequences can never fit the 64-slot queue
 ])
 def test_invalid_parameters_are_400_naming_the_param(server, body, param):
     r = _post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "hi", **body})

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from gptforge.config import ConfigError
@@ -91,8 +92,8 @@ def test_pretrain_cli_and_resume_extends_a_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path):
-    """torchrun, 2 CPU processes (gloo), accumulation 1 == 1 process, accumulation 2."""
+def test_ddp_and_fsdp_two_processes_match_one_process_with_accumulation(tmp_path):
+    """torchrun, 2 CPU processes (gloo), DDP and FSDP2, accumulation 1 == 1 process, accumulation 2."""
     recipe = tiny_recipe(tmp_path, max_steps=4, eval_every=2, dtype="fp32")
     recipe["model"]["dropout"] = 0.0
     path = tmp_path / "recipe.yaml"
@@ -108,6 +109,11 @@ def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path):
                           f"--out_dir={tmp_path / 'ddp'}", "--data.sources=[]"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "gptforge.cli", "pretrain", "--config", str(path), "--train.grad_accum_steps=1",
+                           "--train.parallel=fsdp", f"--out_dir={tmp_path / 'fsdp'}", "--data.sources=[]"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
 
     def curve(name):
         records = read_metrics(tmp_path / name / "metrics.jsonl")
@@ -120,3 +126,9 @@ def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path):
     assert loss_2 == pytest.approx(loss_1, rel=1e-5)
     assert val_2 == pytest.approx(val_1, rel=1e-5)
     assert GPT.from_pretrained(tmp_path / "ddp" / "model").config.n_layer == 1
+    # FSDP2 shards parameters and optimizer state but computes the same steps.
+    loss_3, val_3, _ = curve("fsdp")
+    assert loss_3 == pytest.approx(loss_1, rel=1e-5) and val_3 == pytest.approx(val_1, rel=1e-5)
+    single_state = GPT.from_pretrained(tmp_path / "single" / "model").state_dict()
+    fsdp_state = GPT.from_pretrained(tmp_path / "fsdp" / "model").state_dict()
+    assert all(torch.allclose(single_state[k], fsdp_state[k], atol=1e-6) for k in single_state)

@@ -15,7 +15,7 @@ A user prompt is a Python format string over the record's fields (plus `labels`,
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from .sft import DataError, Record, Segment

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers, MutableHeaders
 
+from ..safety import load_moderator
 from .auth import APIKeyChecker, key_from_headers
 from .errors import APIError, install_error_handlers
 from .metrics import ServerMetrics
@@ -45,6 +46,7 @@ class ServerOptions:
     requests_per_minute: Optional[int] = None
     tokens_per_minute: Optional[int] = None
     redact_pii: str = "off"  # off | logs | content (content also masks logs)
+    moderation: Optional[str] = None  # a gptforge.safety policy YAML for prompts and outputs
     log_json: bool = True
 
 
@@ -56,6 +58,8 @@ class ServerState:
         self.metrics = ServerMetrics()
         self.keys = APIKeyChecker(options.api_keys)
         self.rate_limiter = RateLimiter(options.requests_per_minute, options.tokens_per_minute)
+        # Built before the model loads, so a bad policy file fails `gptforge serve` at once.
+        self.moderator = load_moderator(options.moderation, registry=self.metrics.registry)
         self.static_dir = STATIC_DIR
         self.engine = None
         self.serving = None
@@ -224,7 +228,7 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
             state.engine = engine
             state.serving = OpenAIServing(engine, tokenizer, options.model_name,
                                           redact_content=options.redact_pii == "content",
-                                          rate_limiter=state.rate_limiter)
+                                          rate_limiter=state.rate_limiter, moderator=state.moderator)
             log.info("model %s ready", options.model_name,
                      extra={"fields": {"params": model.num_params(), "block_size": engine.block_size,
                                        "max_batch": options.max_batch}})

@@ -12,6 +12,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 TokenIds = list[int]
+# "content_filter": the moderation policy (--moderation) blocked the prompt or the output.
+FinishReason = Literal["stop", "length", "content_filter"]
 Stop = Optional[Union[str, list[str]]]
 
 
@@ -38,7 +40,7 @@ class CompletionRequest(BaseModel):
     max_tokens: Optional[int] = Field(16, ge=0)
     n: int = Field(1, ge=1, le=16)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2**63, le=2**63 - 17)  # + choice index stays in int64
     stop: Stop = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -88,7 +90,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=16)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     response_format: Optional[ResponseFormat] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2**63, le=2**63 - 17)  # + choice index stays in int64
     stop: Stop = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -116,7 +118,7 @@ class CompletionLogprobs(BaseModel):
 
 
 class CompletionChoice(BaseModel):
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Optional[FinishReason] = None
     index: int
     logprobs: Optional[CompletionLogprobs] = None
     text: str
@@ -154,7 +156,7 @@ class AssistantMessage(BaseModel):
 
 
 class ChatChoice(BaseModel):
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Optional[FinishReason] = None
     index: int
     logprobs: Optional[ChoiceLogprobs] = None
     message: AssistantMessage
@@ -176,7 +178,7 @@ class Delta(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     delta: Delta
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Optional[FinishReason] = None
     index: int
     logprobs: Optional[ChoiceLogprobs] = None
 

@@ -8,10 +8,11 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Optional
 
 from fastapi import Request
 
+from ..safety import CONTENT_FILTER, Moderator, OutputStreamGuard
 from ..sampling import SamplingParams
 from .engine import Engine, PromptLogprobs, RequestHandle, SeqEvent, SequenceRequest
 from .errors import APIError, invalid_param
@@ -34,6 +35,7 @@ class Prepared:
     prompt_texts: list[Optional[str]]
     sequences: list[SequenceRequest]
     max_tokens: int
+    blocked: bool = False  # the moderation policy refused the input: answer with the refusal, generate nothing
 
 
 @dataclass
@@ -72,7 +74,7 @@ class OpenAIServing:
     """Everything behind the routes; one instance per server."""
 
     def __init__(self, engine: Engine, tokenizer, model_name: str, *, redact_content: bool = False,
-                 rate_limiter: Optional[RateLimiter] = None) -> None:
+                 rate_limiter: Optional[RateLimiter] = None, moderator: Optional[Moderator] = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -80,6 +82,7 @@ class OpenAIServing:
         self.vocab_size = engine.vocab_size
         self.redact_content = redact_content
         self.rate_limiter = rate_limiter or RateLimiter()
+        self.moderator = moderator
         self.stop_ids = tokenizer.stop_token_ids()
         self._token_str_cache: dict[int, str] = {}
 
@@ -218,7 +221,10 @@ class OpenAIServing:
                 seqs.append(SequenceRequest(index=i * body.n + j, prompt_ids=p, params=seq_params,
                                             max_tokens=max_tokens,
                                             prompt_logprobs=body.echo and body.logprobs is not None))
-        return Prepared(prompts, texts, seqs, max_tokens)
+        blocked = self.moderator is not None and any(
+            not self.moderator.check_input(t if t is not None else self.tokenizer.decode(p))
+            for t, p in zip(texts, prompts))
+        return Prepared(prompts, texts, seqs, max_tokens, blocked)
 
     def _token_str(self, token_id: int) -> str:
         s = self._token_str_cache.get(token_id)
@@ -302,6 +308,10 @@ class OpenAIServing:
         """Queue the sequences now (so a full queue is a 429 before any stream starts)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[SeqEvent] = asyncio.Queue()
+        if prep.blocked:  # refused by the moderation policy: the refusal is the whole answer
+            for seq in prep.sequences:
+                queue.put_nowait(SeqEvent(seq.index, text=self.moderator.refusal, finish_reason=CONTENT_FILTER))
+            return _Submission(RequestHandle([]), queue, len(prep.sequences))
 
         def sink(event: SeqEvent) -> None:
             try:
@@ -309,6 +319,9 @@ class OpenAIServing:
             except RuntimeError:  # loop closed: nobody is listening any more
                 pass
 
+        if len(prep.sequences) > self.engine.max_queue:  # could never be queued: not a "retry later"
+            raise invalid_param("n", f"this request needs {len(prep.sequences)} sequences (prompts x n); the "
+                                f"server queues at most {self.engine.max_queue}")
         handle = self.engine.submit(prep.sequences, sink)
         return _Submission(handle, queue, len(prep.sequences))
 
@@ -336,10 +349,28 @@ class OpenAIServing:
         finally:
             sub.handle.cancel()
 
+    async def _moderated(self, events: AsyncIterator[SeqEvent]) -> AsyncIterator[SeqEvent]:
+        """Output moderation: a sequence whose text so far is blocked ends with finish_reason content_filter."""
+        guards: dict[int, OutputStreamGuard] = {}
+        async for ev in events:
+            if self.moderator is None or not ev.text or ev.finish_reason == CONTENT_FILTER:
+                if ev.index not in guards or not guards[ev.index].blocked:
+                    yield ev
+                continue
+            guard = guards.setdefault(ev.index, self.moderator.stream_guard())
+            if guard.blocked:
+                continue  # the engine is still finishing it; nothing more is shown
+            shown = guard.push(ev.text)
+            if guard.blocked:
+                yield SeqEvent(ev.index, token_id=ev.token_id, logprob=ev.logprob, top_logprobs=ev.top_logprobs,
+                               finish_reason=CONTENT_FILTER)
+            else:
+                yield ev if shown == ev.text else SeqEvent(**{**ev.__dict__, "text": shown})
+
     async def _collect(self, prep: Prepared, sub: "_Submission", request: Request) -> dict[int, dict[str, Any]]:
         results = {s.index: {"text": "", "token_ids": [], "logprobs": [], "top_logprobs": [], "finish_reason": None,
                              "prompt_logprobs": None} for s in prep.sequences}
-        async for ev in self._events(sub, request):
+        async for ev in self._moderated(self._events(sub, request)):
             res = results[ev.index]
             res["text"] += ev.text
             if ev.prompt_logprobs is not None:
@@ -350,6 +381,8 @@ class OpenAIServing:
                 res["top_logprobs"].append(ev.top_logprobs)
             if ev.finish_reason is not None:
                 res["finish_reason"] = ev.finish_reason
+                if ev.finish_reason == CONTENT_FILTER:
+                    res["text"] = self.moderator.refusal  # a blocked output is replaced, not truncated
         return results
 
     async def _stream_completion(self, body: CompletionRequest, prep: Prepared, sub: "_Submission",
@@ -368,7 +401,7 @@ class OpenAIServing:
             if body.echo:
                 for s in prep.sequences:
                     yield chunk(s.index, self._prompt_text(prep, s.index // body.n), None, None)
-            async for ev in self._events(sub, request):
+            async for ev in self._moderated(self._events(sub, request)):
                 text = ev.text
                 if redactors:
                     text = redactors[ev.index].push(text)
@@ -425,7 +458,9 @@ class OpenAIServing:
         seqs = [SequenceRequest(index=j, prompt_ids=ids, max_tokens=max_tokens, json_mode=json_mode,
                                 params=params if body.seed is None else params.replace(seed=body.seed + j))
                 for j in range(body.n)]
-        return Prepared([ids], [text], seqs, max_tokens)
+        blocked = self.moderator is not None and not self.moderator.check_messages(
+            [{"role": m.role, "content": m.text()} for m in body.messages])
+        return Prepared([ids], [text], seqs, max_tokens, blocked)
 
     def _chat_logprobs(self, token_ids, logprobs, tops) -> ChoiceLogprobs:
         content = []
@@ -478,7 +513,7 @@ class OpenAIServing:
         try:
             for s in prep.sequences:
                 yield chunk([ChatChunkChoice(index=s.index, delta=Delta(role="assistant", content=""))])
-            async for ev in self._events(sub, request):
+            async for ev in self._moderated(self._events(sub, request)):
                 text = ev.text
                 if redactors:
                     text = redactors[ev.index].push(text)
