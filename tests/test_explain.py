@@ -186,3 +186,19 @@ def test_report_page_in_headless_chromium(tiny_model, tmp_path):
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def test_large_attention_goes_to_npy(tiny_model, tmp_path, monkeypatch):
+    import numpy as np
+
+    from gptforge import explain as explain_module
+
+    model, _ = tiny_model
+    result = explain(model, "import os\nprint(os)")
+    monkeypatch.setattr(explain_module, "MAX_EMBEDDED_ATTENTION", 10)
+    written = write_report(result, tmp_path / "big")
+    stored = np.load(written["attention_npy"], allow_pickle=False)
+    assert stored.shape == tuple(result.attentions.shape) and stored.dtype == np.float16
+    assert np.allclose(stored, result.attentions.numpy(), atol=1e-3)
+    assert "attentions" not in json.loads(written["json"].read_text())
+    assert '"attentions"' not in written["html"].read_text()

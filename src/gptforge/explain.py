@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .tokenizer import Tokenizer
 
 LN2 = math.log(2.0)
+# Attention values embedded in explanation.json and the HTML page at most; beyond this (e.g. GPT-2's
+# 144 heads over 256 tokens = 9.4M values) they go to attention.npy and the page shows the PNGs only.
+MAX_EMBEDDED_ATTENTION = 2_000_000
 
 
 @dataclass
@@ -265,12 +269,22 @@ def surprisal_figure_png(explanation: Explanation) -> bytes:
 
 
 def write_report(explanation: Explanation, out_dir: str | Path, *, title: str = "gptforge explain") -> dict[str, Any]:
-    """Write explanation.json, surprisal.png, attention/layer_XX.png (all heads) and a self-contained index.html."""
+    """Write explanation.json, surprisal.png, attention/layer_XX.png (all heads) and a self-contained index.html.
+
+    Attention larger than MAX_EMBEDDED_ATTENTION values goes to attention.npy (float16) instead of the JSON
+    and the page's interactive view.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {"json": out / "explanation.json", "html": out / "index.html",
                                "surprisal_png": out / "surprisal.png", "attention_png": []}
-    atomic_write_text(written["json"], json.dumps(explanation.to_dict(), indent=1))
+    embed = explanation.attentions is not None and explanation.attentions.numel() <= MAX_EMBEDDED_ATTENTION
+    if explanation.attentions is not None and not embed:
+        buffer = io.BytesIO()
+        np.save(buffer, explanation.attentions.to(torch.float16).numpy(), allow_pickle=False)
+        atomic_write_bytes(out / "attention.npy", buffer.getvalue())
+        written["attention_npy"] = out / "attention.npy"
+    atomic_write_text(written["json"], json.dumps(explanation.to_dict(include_attention=embed), indent=1))
     images: list[tuple[str, bytes]] = []
     if len(explanation.tokens) > 1:
         surprisal = surprisal_figure_png(explanation)
@@ -286,15 +300,15 @@ def write_report(explanation: Explanation, out_dir: str | Path, *, title: str = 
             atomic_write_bytes(path, png)
             written["attention_png"].append(path)
             images.append((f"Attention, layer {layer} (rows: queries, columns: keys)", png))
-    atomic_write_text(written["html"], render_html(explanation, images, title=title))
+    atomic_write_text(written["html"], render_html(explanation, images, title=title, include_attention=embed))
     return written
 
 
 def render_html(explanation: Explanation, images: Sequence[tuple[str, bytes]] = (), *,
-                title: str = "gptforge explain") -> str:
+                title: str = "gptforge explain", include_attention: bool = True) -> str:
     """A single HTML file (no external assets): tokens coloured by surprisal, hover for alternatives,
     an interactive attention view (pick layer/head, hover a token to see what it attends to), PNGs inline."""
-    data = explanation.to_dict(include_attention=True)
+    data = explanation.to_dict(include_attention=include_attention)
     payload = json.dumps(data).replace("</", "<\\/")  # safe inside <script>
     figures = "\n".join(
         f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'

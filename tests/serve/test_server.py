@@ -230,6 +230,28 @@ def test_error_statuses(server, client):
         client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "fox " * 200}])
 
 
+def test_random_bodies_never_get_a_500(server):
+    """Client mistakes are 4xx: random field values on both generation routes never produce a 5xx."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-3, 300) | st.floats(-3, 3) | st.text(max_size=6)
+    values = scalars | st.lists(scalars | st.lists(st.integers(-2, 400), max_size=3), max_size=3) | \
+        st.dictionaries(st.sampled_from(["type", "role", "content", "5", "x"]), scalars, max_size=2)
+    fields = ["prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "logprobs", "echo",
+              "logit_bias", "seed", "top_logprobs", "response_format", "stream", "top_k", "min_p", "best_of"]
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+           st.dictionaries(st.sampled_from(fields), values, max_size=5))
+    def check(path, body):
+        body = {"model": MODEL_NAME, "max_tokens": 4, **body}
+        r = _post(server, path, body)
+        assert r.status_code < 500, (body, r.text)
+
+    check()
+
+
 def test_tokenizer_endpoints_work_with_lm_eval_remote_tokenizer(server, reference_model):
     from lm_eval.utils import RemoteTokenizer, check_remote_tokenizer_support
 
