@@ -168,6 +168,28 @@ def decode_step(model: torch.nn.Module, compile: bool) -> Callable[..., torch.Te
     return cached[1]
 
 
+def prepare_for_decoding(model: torch.nn.Module) -> torch.nn.Module:
+    """Store each plain `nn.Linear` weight column-major on CPU (same values, shapes and names); returns model.
+
+    A single-token forward is a matrix-vector product per layer, bound by how fast the weights stream
+    from memory; on CPU, `x @ W.T` runs about 1.3x faster when `W.T` is contiguous (measured in
+    benchmarks/decode.py). Training and saving still work (checkpoints are written contiguous), but
+    code that `.view()`s a weight needs `.contiguous()` first, so this is opt-in: the `generate` and
+    `chat` commands call it on the models they load.
+    """
+    tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is model.wte.weight
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if (type(module) is torch.nn.Linear and weight is not None and weight.dim() == 2
+                    and weight.device.type == "cpu" and weight.dtype.is_floating_point and weight.is_contiguous()):
+                module.weight = torch.nn.Parameter(weight.detach().t().contiguous().t(),
+                                                   requires_grad=weight.requires_grad)
+    if tied:
+        model.wte.weight = model.lm_head.weight
+    return model
+
+
 def _compiled_cache_len(needed: int, block_size: int) -> int:
     """Round the cache length up so that nearby lengths share one compiled graph."""
     return min(block_size, -(-needed // 256) * 256)
@@ -582,4 +604,4 @@ def _beam_search(model: torch.nn.Module, prompts: list[list[int]], params: Sampl
     return outputs
 
 
-__all__ = ["generate", "stream", "score_tokens", "GenerationOutput", "SamplingParams", "normalize_prompts"]
+__all__ = ["generate", "stream", "score_tokens", "prepare_for_decoding", "GenerationOutput", "SamplingParams", "normalize_prompts"]

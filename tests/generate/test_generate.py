@@ -176,3 +176,22 @@ def test_compiled_decode_step_gives_the_same_tokens(tokenizer):
     compiled = generate(model, PROMPTS[:1], tokenizer, compile=True, **kwargs)
     assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
     assert "".join(stream(model, PROMPTS[0], tokenizer, compile=True, **kwargs)) == eager[0].text
+
+
+def test_prepare_for_decoding_keeps_outputs_ties_and_checkpoints(tokenizer, tmp_path):
+    from gptforge.generate import prepare_for_decoding
+
+    torch.manual_seed(0)
+    config = Config.from_name("nano").replace(vocab_size=tokenizer.vocab_size, block_size=64, init_std=0.2)
+    model = GPT(config).eval()
+    before = generate(model, PROMPTS, tokenizer, max_new_tokens=8, eos_token_id=[])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    prepare_for_decoding(model)
+    assert not model.blocks[0].attn.qkv.weight.is_contiguous()
+    assert model.lm_head.weight is model.wte.weight  # the tie survives
+    after = generate(model, PROMPTS, tokenizer, max_new_tokens=8, eos_token_id=[])
+    assert [o.token_ids for o in after] == [o.token_ids for o in before]
+    model.save_pretrained(tmp_path / "saved", tokenizer=tokenizer)
+    reloaded = GPT.from_pretrained(tmp_path / "saved")
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, state[name]), name

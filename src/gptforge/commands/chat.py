@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, stdin: Optional[Any] = None, stdout: Optional[
         messages, ids = fit_history(tokenizer, messages, budget)
         stdout.write("assistant> ")
         reply = []
-        for delta in stream(model, ids, tokenizer, truncate_prompt=True, **kwargs):
+        for delta in stream(model, ids, tokenizer, truncate_prompt=True, compile=args.compile, **kwargs):
             reply.append(delta)
             stdout.write(delta)
             stdout.flush()

@@ -70,14 +70,18 @@ def load_model(args: argparse.Namespace) -> Any:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--model {path}: no config.json there (expected a model directory written by "
                                 f"save_pretrained or a Hugging Face checkpoint)")
+    from ..generate import prepare_for_decoding
+
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    return GPT.from_pretrained(path, dtype=dtype)
+    return prepare_for_decoding(GPT.from_pretrained(path, dtype=dtype))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as saved)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (slow first call, faster long generations)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         if len(prompts) != 1 or args.jsonl or args.output:
             raise ValueError("--stream takes exactly one prompt and prints text (no --jsonl/--output)")
         stream_kwargs = {k: v for k, v in kwargs.items() if k not in ("logprobs", "top_logprobs")}
-        for delta in stream(model, prompts[0], tokenizer, truncate_prompt=args.truncate_prompt, **stream_kwargs):
+        for delta in stream(model, prompts[0], tokenizer, truncate_prompt=args.truncate_prompt,
+                            compile=args.compile, **stream_kwargs):
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -142,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     records = []
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start:start + args.batch_size]
-        for out in generate(model, chunk, tokenizer, echo=args.echo, truncate_prompt=args.truncate_prompt, **kwargs):
+        for out in generate(model, chunk, tokenizer, echo=args.echo, truncate_prompt=args.truncate_prompt,
+                            compile=args.compile, **kwargs):
             record = asdict(out)
             record["index"] += start
             record["prompt"] = prompts[record["index"]]

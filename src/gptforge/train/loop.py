@@ -110,9 +110,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between resumable checkpoints (0: only at exit)
     keep_checkpoints: int = 2  # newest step-N folders kept
     log_every: int = 1  # steps between metrics records
-    max_time: float = 0.0  # wall-clock budget in seconds (0: none); the run stops cleanly when spent
-    time_schedule: bool = False  # with max_time: the lr schedule follows elapsed time as well as steps, so the
-    # decay completes inside the budget whatever the machine's speed (resume is then not bit-exact)
+    max_time: float = 0.0  # wall-clock budget in seconds, final evaluation included (0: none)
+    # With max_time set, the lr schedule can follow elapsed time as well as steps,
+    time_schedule: bool = False  # so the decay completes inside the budget (resume is then not bit-exact)
     progress: bool = True  # tqdm bar on rank 0
     peak_flops: float = 0.0  # device peak FLOP/s for MFU (0: estimate)
     tensorboard: bool = False
@@ -272,6 +272,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_source: BatchSource, out_dir
     bare = model
     model_for_step = D.wrap_model(model, info, "ddp" if cfg.parallel == "auto" else cfg.parallel)
     fsdp = D.is_fsdp(bare)
+    ddp = model_for_step if isinstance(model_for_step, nn.parallel.DistributedDataParallel) else None
     if cfg.compile:
         model_for_step = torch.compile(model_for_step)
     optimizer = build_optimizer(bare, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, cfg.fused_adamw)
@@ -326,15 +327,19 @@ def train(model: nn.Module, cfg: TrainConfig, train_source: BatchSource, out_dir
     last_eval_step = step if start_ckpt is not None else -1
     last_ckpt_step = step if start_ckpt is not None else -1
 
+    eval_seconds = 0.0  # duration of the last evaluation: a time budget keeps room for the final one
+
     def run_eval() -> dict[str, float]:
-        nonlocal best_metric, best_step, bad_evals, last_eval_step
+        nonlocal best_metric, best_step, bad_evals, last_eval_step, eval_seconds
         last_eval_step = step
         if evaluate is None:
             return {}
         was_training = bare.training
         bare.eval()
+        eval_start = time.perf_counter()
         with torch.no_grad(), autocast():
             metrics = {k: float(v) for k, v in evaluate(bare).items()}
+        eval_seconds = time.perf_counter() - eval_start
         bare.train(was_training)
         result.metrics = metrics
         logger.log({"step": step, **metrics})
@@ -371,7 +376,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_source: BatchSource, out_dir
                 fraction = None
                 if cfg.time_schedule and cfg.max_time:
                     elapsed = D.broadcast_object(time.perf_counter() - started, info)
-                    fraction = max(step / cfg.max_steps, elapsed / cfg.max_time)
+                    fraction = max(step / cfg.max_steps, elapsed / max(cfg.max_time - eval_seconds, 1e-9))
                 lr = schedule.apply(optimizer, step, fraction)
                 batches = pending + [train_source.next_batch() for _ in range(accum - len(pending))]
                 pending = []
@@ -383,8 +388,9 @@ def train(model: nn.Module, cfg: TrainConfig, train_source: BatchSource, out_dir
                 scale = info.world_size / max(global_count, 1.0)
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 for i, (x, y) in enumerate(batches):
-                    sync = i == len(batches) - 1 or not isinstance(model_for_step, nn.parallel.DistributedDataParallel)
-                    ctx = contextlib.nullcontext() if sync else model_for_step.no_sync()
+                    # DDP all-reduces gradients on the last micro-batch only.
+                    sync = ddp is None or i == len(batches) - 1
+                    ctx = contextlib.nullcontext() if sync else ddp.no_sync()
                     with ctx:
                         with autocast():
                             logits = model_for_step(x)
@@ -427,7 +433,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_source: BatchSource, out_dir
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     checkpoint()
                 out_of_time = cfg.max_time and D.broadcast_object(
-                    time.perf_counter() - started >= cfg.max_time, info)
+                    time.perf_counter() - started + eval_seconds >= cfg.max_time, info)
                 if stop_votes > 0:
                     result.interrupted = True
                 if result.stopped_early or result.interrupted or out_of_time:

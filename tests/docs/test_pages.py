@@ -1,4 +1,4 @@
-"""README opens with the two set-up commands, and CI runs the second one verbatim."""
+"""README opens with the two set-up commands (and CI runs the second); the architecture page names real modules."""
 
 from pathlib import Path
 
@@ -23,3 +23,17 @@ def test_readme_opens_with_the_two_commands():
 
 def test_ci_runs_the_readme_test_command():
     assert TESTS in (REPO / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_architecture_page_names_real_modules():
+    import re
+
+    package = REPO / "src" / "gptforge"
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    files = set(re.findall(r"\b((?:[a-z_]+/)?[a-z_]+\.py)\b", text))
+    folders = set(re.findall(r"\+-- ([a-z_]+)/", text))
+    assert len(files) > 15 and len(folders) > 5
+    missing = [f for f in files if not list(package.rglob(f.split("/")[-1]))
+               or ("/" in f and not (package / f).exists() and not (package / "commands" / f).exists())]
+    missing += [d for d in folders if not (package / d).is_dir()]
+    assert not missing, f"docs/architecture.md names modules that do not exist: {missing}"
