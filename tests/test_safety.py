@@ -3,6 +3,7 @@
 import pytest
 from prometheus_client import CollectorRegistry
 
+from gptforge.cli import main
 from gptforge.config import ConfigError
 from gptforge.safety import ModerationConfig, ModerationError, Moderator, RuleSet
 

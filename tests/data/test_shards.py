@@ -1,7 +1,6 @@
 """Corpora and token shards: sources, shard format, manifest, reuse, splits and bad input."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -173,4 +173,5 @@ def test_ctrl_c_writes_a_checkpoint_and_resumes(tmp_path):
     resumed = _tiny_run(tmp_path / "run", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     full = _tiny_run(tmp_path / "full")
+    assert full.returncode == 0, full.stderr
     assert losses_of(tmp_path / "run") == losses_of(tmp_path / "full")

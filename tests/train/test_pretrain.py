@@ -82,6 +82,10 @@ def test_pretrain_cli_and_resume_extends_a_run(tmp_path, capsys):
     assert main(["pretrain", "--config", str(path), "--train.max_steps=6"]) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["steps"] == 6
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    assert main(["pretrain", "--config", str(path), "--train.max_steps=99"]) == 2  # no --resume: refused
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
     assert main(["pretrain", "--config", str(path), "--train.max_steps=9", "--resume"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 9
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from gptforge.config import Config
 from gptforge.model import GPT

@@ -303,10 +303,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_source: BatchSource, out_dir
     if info.is_main:
         if start_ckpt is not None:
             logger.truncate_after(step)
-        elif not resume or not logger.path.exists():
+        else:  # a fresh start (also a resume that found no checkpoint): the log starts over
             logger.path.unlink(missing_ok=True)
-        else:
-            logger.truncate_after(0)
 
     # Micro-batches per step: fixed, or derived from the target tokens and the first batch's shape.
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []

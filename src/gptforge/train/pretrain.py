@@ -162,6 +162,10 @@ def pretrain(recipe: Recipe | str | Path | dict[str, Any], *, overrides: Sequenc
         recipe = recipe_from_dict(apply_overrides(recipe.to_dict(), list(overrides)))
     cfg = recipe.train
     run_dir = Path(recipe.out_dir)
+    if not resume and (run_dir / "checkpoints" / "latest").exists():
+        # Checked before anything is written, so the old run's config.yaml and metrics stay intact.
+        raise ValueError(f"run folder {run_dir} already has checkpoints; pass --resume to continue it, "
+                         "or choose another out_dir")
     info = D.init_distributed(cfg.device)
     try:
         # Rank 0 tokenizes; the others wait and then open the same folder.
@@ -192,12 +196,12 @@ def pretrain(recipe: Recipe | str | Path | dict[str, Any], *, overrides: Sequenc
         d = recipe.data
         loader = TokenWindowLoader(corpus, "train", d.batch_size, d.seq_len, seed=cfg.seed, rank=info.rank,
                                    world_size=info.world_size)
-        evaluate = None
-        if corpus.num_tokens("val") > d.seq_len:
-            def evaluate(m: torch.nn.Module) -> dict[str, float]:
-                return evaluate_split(m, corpus, "val", d.seq_len, d.eval_batch_size or d.batch_size,
-                                      d.eval_tokens or None)
-        elif info.is_main:
+        def evaluate_val(m: torch.nn.Module) -> dict[str, float]:
+            return evaluate_split(m, corpus, "val", d.seq_len, d.eval_batch_size or d.batch_size,
+                                  d.eval_tokens or None)
+
+        evaluate = evaluate_val if corpus.num_tokens("val") > d.seq_len else None
+        if evaluate is None and info.is_main:
             log.warning("no validation split (data.val_fraction=%s): no val_loss, early stopping or best/",
                         d.val_fraction)
         result = train(model, cfg, loader, run_dir, evaluate=evaluate, resume=resume, run_config=recipe.to_dict())
