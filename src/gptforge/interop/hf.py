@@ -316,10 +316,15 @@ def load_pretrained(path: str | Path, *, dtype: Optional[torch.dtype] = None, de
         state = state_from_hf(tensors, config, family) if family else dict(tensors)
         if config.tie_embeddings:
             state["lm_head.weight"] = state["wte.weight"]
-        with torch.device("meta"):
-            model = GPT(config)
-        model = model.to_empty(device=device)
-        _reinit_buffers(model, config, device)
+        if config.num_params() > 20_000_000:
+            # Big models: skip the random init (seconds of work that the checkpoint overwrites).
+            # Small ones build directly: the first meta-device op costs a 1.5 s one-off import.
+            with torch.device("meta"):
+                model = GPT(config)
+            model = model.to_empty(device=device)
+            _reinit_buffers(model, config, device)
+        else:
+            model = GPT(config).to(device)
         load_state_into(model, state, source=str(directory))
         if config.tie_embeddings:
             model.lm_head.weight = model.wte.weight
