@@ -6,7 +6,7 @@ fp32 with torch's fused AdamW (Trainer's default optimizer since torch 2.8). gpt
 step (`gptforge.train.loop`): fused AdamW without decay on norms/biases/embeddings, SDPA attention,
 bf16 autocast and torch.compile when they are faster on this machine (each variant is measured and
 reported; `--headline` picks the one quoted, bf16 eager by default). The peer is also timed with bf16
-autocast for a same-precision ratio. Timings alternate between all variants, so load hits all alike.
+autocast for a same-precision ratio. Single timed steps alternate between all variants; medians are reported.
 
     python benchmarks/train_throughput.py [--threads 2] [--steps 12] [--layers 4 --dim 256 ...]
 Prints one JSON object: tokens/s of each side, their ratio, the variant table and the load average.
@@ -36,8 +36,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (steps x rounds single steps per variant)")
     ap.add_argument("--variants", default="fp32,bf16,compile-fp32,compile-bf16",
                     help="gptforge variants to measure")
     ap.add_argument("--headline", default="bf16",
@@ -130,10 +130,12 @@ def main() -> None:
         for step in steps.values():
             step(*batches[0])
 
+    # Interleave single steps (A, B, C, A, B, C, ...) and take medians: load spikes on a shared machine
+    # then hit every side alike and drop out of the median.
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.rounds):
+    for i in range(args.rounds * args.steps):
         for k, step in steps.items():
-            times[k].append(time_steps(step, batches, args.steps))
+            times[k].append(time_steps(step, batches[i % len(batches):], 1))
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     best = args.headline
     result = {

@@ -14,6 +14,17 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700 files; give the result the permissions a plain open() would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem allows opening a directory
         fd = os.open(path, os.O_RDONLY)
@@ -33,6 +44,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _publish_mode(Path(tmp))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -60,6 +72,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        _publish_mode(tmp_path)
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -79,6 +92,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             if child.is_file():
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())
+        _publish_mode(tmp, directory=True)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old.{os.getpid()}"

@@ -119,3 +119,20 @@ def test_atomic_writes_leave_old_file_on_failure(tmp_path):
             raise RuntimeError("killed")
     assert (folder / "a").read_text() == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "f.txt"]
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_directory(tmp_path / "d") as d:
+            (d / "f").write_text("1")
+        with atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"1")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "b.bin").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "d").st_mode) == 0o755
