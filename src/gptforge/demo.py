@@ -299,10 +299,13 @@ def _next_steps(report: DemoReport) -> str:
         "",
         "Next:",
         f"  gptforge generate --model {model} --prompt 'def fibonacci(n):' --max-new-tokens 64",
-        f"  gptforge chat --model {model}          # a code model: it continues text; fine-tune it to follow instructions",
-        f"  gptforge serve --model {model} --port 8000   # OpenAI-compatible API and a chat page at http://127.0.0.1:8000/",
-        f"  gptforge explain --model {model} --text 'import os' --out explain   # what the model expected, token by token",
-        "  gptforge demo --minutes 20 --fresh          # train longer for better completions",
+        f"  gptforge chat --model {model}",
+        "      (a code model: it continues text; fine-tune it with `gptforge finetune` to follow instructions)",
+        f"  gptforge serve --model {model} --port 8000",
+        "      (an OpenAI-compatible API, and a chat page at http://127.0.0.1:8000/)",
+        f"  gptforge explain --model {model} --text 'import os' --out explain",
+        "      (what the model expected, token by token: explain/index.html)",
+        "  gptforge demo --minutes 20 --fresh   (train longer for better completions)",
     ])
 
 

@@ -266,4 +266,5 @@ def load_moderator(path: Optional[str | Path], *, registry: Any = None) -> Optio
     return Moderator.from_file(path, registry=registry) if path else None
 
 
-__all__ = ["OutputStreamGuard", "load_moderator", "CONTENT_FILTER", "RuleSet", "ModerationConfig", "ModerationVerdict", "ModerationError", "Moderator", "DEFAULT_REFUSAL"]
+__all__ = ["RuleSet", "ModerationConfig", "ModerationVerdict", "ModerationError", "Moderator", "OutputStreamGuard",
+           "load_moderator", "CONTENT_FILTER", "DEFAULT_REFUSAL"]

@@ -11,12 +11,13 @@ import argparse
 import sys
 from typing import Any, Optional
 
-from .generate import add_model_arguments, add_sampling_arguments, load_model, sampling_kwargs
+from .generate import add_moderation_argument, add_model_arguments, add_sampling_arguments, load_model, sampling_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--system", default=None, help="system prompt")
+    add_moderation_argument(parser)
     add_sampling_arguments(parser)
     parser.set_defaults(max_new_tokens=256)
 
@@ -46,6 +47,9 @@ def run(args: argparse.Namespace, stdin: Optional[Any] = None, stdout: Optional[
         import torch
 
         torch.set_num_threads(args.threads)
+    from ..safety import load_moderator
+
+    moderator = load_moderator(args.moderation)  # a bad policy file fails before the model loads
     model = load_model(args)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -72,11 +76,22 @@ def run(args: argparse.Namespace, stdin: Optional[Any] = None, stdout: Optional[
             continue
         if not text.strip():
             continue
+        if moderator is not None and not moderator.check_input(text):
+            stdout.write(f"assistant> {moderator.refusal}\n")  # refused; the message is not kept
+            stdout.flush()
+            continue
         messages.append({"role": "user", "content": text})
         messages, ids = fit_history(tokenizer, messages, budget)
         stdout.write("assistant> ")
         reply = []
+        guard = moderator.stream_guard() if moderator is not None else None
         for delta in stream(model, ids, tokenizer, truncate_prompt=True, compile=args.compile, **kwargs):
+            if guard is not None:
+                delta = guard.push(delta)
+                if guard.blocked:  # stop before the delta that completed blocked text
+                    stdout.write((" " if reply else "") + moderator.refusal)
+                    reply = [moderator.refusal]
+                    break
             reply.append(delta)
             stdout.write(delta)
             stdout.flush()

@@ -84,6 +84,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the decode step (slow first call, faster long generations)")
 
 
+def add_moderation_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--moderation", default=None, metavar="FILE",
+                        help="moderation policy YAML (see docs/safety.md): a blocked prompt or output is replaced "
+                             "by the policy's refusal (finish_reason content_filter)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
@@ -98,6 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     parser.add_argument("--jsonl", action="store_true", help="print one JSON object per output")
     parser.add_argument("--output", help="write the outputs as JSON lines to this file")
+    add_moderation_argument(parser)
     add_sampling_arguments(parser)
 
 
@@ -130,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     from ..sampling import SamplingParams
 
     SamplingParams.from_kwargs(**kwargs)  # fail on bad parameters before loading the model
+    from ..safety import CONTENT_FILTER, load_moderator
+
+    moderator = load_moderator(args.moderation)  # a bad policy file fails before the model loads
     model = load_model(args)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -138,19 +148,38 @@ def run(args: argparse.Namespace) -> int:
         if len(prompts) != 1 or args.jsonl or args.output:
             raise ValueError("--stream takes exactly one prompt and prints text (no --jsonl/--output)")
         stream_kwargs = {k: v for k, v in kwargs.items() if k not in ("logprobs", "top_logprobs")}
+        if moderator is not None and not moderator.check_input(prompts[0]):
+            print(moderator.refusal)
+            return 0
+        guard = moderator.stream_guard() if moderator is not None else None
         for delta in stream(model, prompts[0], tokenizer, truncate_prompt=args.truncate_prompt,
                             compile=args.compile, **stream_kwargs):
+            if guard is not None:
+                delta = guard.push(delta)
+                if guard.blocked:  # stop before the delta that completed blocked text
+                    sys.stdout.write("\n" + moderator.refusal)
+                    break
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
     records = []
-    for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start:start + args.batch_size]
+    verdicts = [moderator.check_input(p) if moderator is not None else None for p in prompts]
+    allowed = [i for i, v in enumerate(verdicts) if v is None or v.allowed]
+    for i, verdict in enumerate(verdicts):
+        if verdict is not None and not verdict.allowed:  # refused: the model never sees this prompt
+            records += [{"index": i, "prompt": prompts[i], "text": moderator.refusal, "token_ids": [],
+                         "finish_reason": CONTENT_FILTER, "moderation": verdict.reason}
+                        for _ in range(args.num_return_sequences)]
+    for start in range(0, len(allowed), args.batch_size):
+        chunk = [prompts[i] for i in allowed[start:start + args.batch_size]]
         for out in generate(model, chunk, tokenizer, echo=args.echo, truncate_prompt=args.truncate_prompt,
                             compile=args.compile, **kwargs):
             record = asdict(out)
-            record["index"] += start
+            record["index"] = allowed[start + record["index"]]
+            blocked = moderator.check_output(record["text"]) if moderator is not None else None
+            if blocked is not None and not blocked.allowed:
+                record.update(text=moderator.refusal, finish_reason=CONTENT_FILTER, moderation=blocked.reason)
             record["prompt"] = prompts[record["index"]]
             if record["top_logprobs"] is not None:  # JSON keys are strings: use the token text as OpenAI does
                 record["top_logprobs"] = [{tokenizer.id_to_token(t): lp for t, lp in step.items()}
@@ -160,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
                                                  {tokenizer.id_to_token(t): lp for t, lp in step.items()}
                                                  for step in record["prompt_top_logprobs"]]
             records.append({k: v for k, v in record.items() if v is not None})
+    records.sort(key=lambda r: r["index"])  # refusals were collected first; keep the prompts' order
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     if args.output:
         atomic_write_text(Path(args.output), "\n".join(lines) + "\n")
