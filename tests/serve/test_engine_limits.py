@@ -97,8 +97,8 @@ def test_per_key_rate_limits(start_server):
     assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
     assert 1 <= int(r.headers["Retry-After"]) <= 60
     other = {"Authorization": "Bearer sk-other"}  # limits are per key
-    r = httpx.post(f"{srv.base}/v1/completions", json={"model": MODEL, "prompt": "Once", "max_tokens": 120},
-                   headers=other)
+    r = httpx.post(f"{srv.base}/v1/completions", json={"model": MODEL, "prompt": "Once", "max_tokens": 120, **NO_EOS},
+                   headers=other)  # runs to max_tokens, so it really spends 120 of the 200 tokens
     assert r.status_code == 200
     r = httpx.post(f"{srv.base}/v1/completions", json={"model": MODEL, "prompt": "Once", "max_tokens": 100},
                    headers=other)
