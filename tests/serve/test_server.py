@@ -414,8 +414,30 @@ def test_chat_page_in_headless_chromium(server, client, tmp_path):
         set_value("max-tokens", "80")
         set_value("temperature", "1")
         by_id("prompt").send_keys("Go on")
-        driver.execute_script("document.getElementById('send').click();"
-                              "setTimeout(() => document.getElementById('stop').click(), 30);")
+        # Deterministic race: the page's requests ban the end-of-text/turn tokens (ids 0 and 3 of the
+        # fixture tokenizer), so the reply can only end by length or by Stop; Stop is clicked as soon as
+        # the first streamed text lands in the reply.
+        driver.execute_script("""
+            const realFetch = window.fetch;
+            window.fetch = (url, opts) => {
+              if (opts && opts.body) {
+                const body = JSON.parse(opts.body);
+                body.logit_bias = {"0": -100, "3": -100};
+                opts = Object.assign({}, opts, {body: JSON.stringify(body)});
+              }
+              return realFetch(url, opts);
+            };
+            const messages = document.getElementById('messages');
+            const observer = new MutationObserver(() => {
+              const replies = messages.querySelectorAll('.message.assistant');
+              const last = replies[replies.length - 1];
+              if (last && last.textContent.length > 0 && last.dataset.done !== 'true') {
+                observer.disconnect();
+                document.getElementById('stop').click();
+              }
+            });
+            observer.observe(messages, {childList: true, subtree: true, characterData: true});
+            document.getElementById('send').click();""")
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".message.assistant[data-done='true']"))
         (second,) = driver.find_elements(By.CSS_SELECTOR, ".message.assistant")
         assert by_id("error").get_attribute("hidden") is not None, by_id("error").text
