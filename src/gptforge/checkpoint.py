@@ -19,8 +19,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_directory, atomic_path, atomic_write_text
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated or does not match the model; the message names the file."""
+from .errors import CheckpointError  # noqa: E402  (re-exported: gptforge.checkpoint.CheckpointError)
 
 
 # ---- weights ---------------------------------------------------------------------------------

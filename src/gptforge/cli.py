@@ -30,8 +30,10 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "demo": ("gptforge.commands.demo", "Train a small code model on the Python standard library, offline", True),
 }
 
-# Errors a user can cause: shown as one clear line and a non-zero exit, never a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, KeyError)
+# Errors a user can cause: shown as one clear line and a non-zero exit, never a traceback. GptforgeError is
+# ours (gptforge.errors); the builtins cover argument checks and files the user named.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
+                                                IsADirectoryError, PermissionError)
 
 
 def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, Optional[object]]:
@@ -77,11 +79,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:
-        print(f"gptforge {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:  # CheckpointError and friends carry a user-facing message
-        if type(exc).__name__.endswith("Error") and type(exc).__module__.startswith("gptforge"):
+    except Exception as exc:
+        from .errors import GptforgeError
+
+        if isinstance(exc, (GptforgeError, *USER_ERRORS)):
             print(f"gptforge {args.command}: error: {exc}", file=sys.stderr)
             return 2
         raise

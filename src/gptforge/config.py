@@ -20,8 +20,7 @@ NormKind = Literal["layernorm", "rmsnorm"]
 MLPKind = Literal["gelu", "swiglu"]
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing or invalid; the message names the field."""
+from .errors import ConfigError  # noqa: E402  (re-exported: gptforge.config.ConfigError)
 
 
 @dataclass

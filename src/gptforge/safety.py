@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from .config import ConfigError, dataclass_from_dict, load_yaml
+from .errors import GptforgeError
 
 Direction = Literal["input", "output"]
 
@@ -99,7 +100,7 @@ class ModerationVerdict:
         return self.allowed
 
 
-class ModerationError(ValueError):
+class ModerationError(GptforgeError, ValueError):
     """Raised by `Moderator.enforce_*` when text is blocked; str() is the refusal message."""
 
     def __init__(self, verdict: ModerationVerdict, refusal: str) -> None:

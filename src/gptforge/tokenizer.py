@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .atomic import atomic_write_text
+from .errors import GptforgeError
 
 # ChatML, the default when a tokenizer brings no template of its own.
 CHATML_TEMPLATE = (
@@ -24,7 +25,7 @@ CHATML_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 DEFAULT_SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(GptforgeError, ValueError):
     """Raised for unreadable tokenizer files or invalid tokenizer arguments."""
 
 

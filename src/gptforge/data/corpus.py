@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from ..errors import DataError
+
 log = logging.getLogger(__name__)
 
 DECODE_ERROR_POLICIES = ("fail", "skip")
@@ -29,7 +31,7 @@ RECORD_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "lib2to3"}
 
 
-class CorpusError(ValueError):
+class CorpusError(DataError):
     """A corpus source is missing, empty or unreadable; the message names it."""
 
 

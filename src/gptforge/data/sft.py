@@ -32,8 +32,7 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task{context}. Write 
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
 
 
-class DataError(ValueError):
-    """A data file is missing, empty or malformed; the message names the file, line and field."""
+from ..errors import DataError  # noqa: E402  (re-exported: gptforge.data.sft.DataError)
 
 
 @dataclass

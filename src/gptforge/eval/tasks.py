@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from tqdm.auto import tqdm
 
+from ..errors import DataError
 from . import metrics as text_metrics
 from .scoring import encode_pair, score_continuations
 
@@ -75,7 +76,7 @@ class TaskExample:
         return self.choices[self.answer] if self.choices else self.references[0]
 
 
-class TaskDataError(ValueError):
+class TaskDataError(DataError):
     """A task file that cannot be read as the chosen task type; the message names file, line and field."""
 
 
