@@ -28,11 +28,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from gptforge.compress import quantize_model, save_quantized, structured_prune, wanda_prune
+from gptforge.compress import quantize_model, structured_prune, wanda_prune
 from gptforge.compress.prune import TokenWindows, calibration_batches, recover_finetune
 from gptforge.config import Config
 from gptforge.model import GPT, causal_lm_loss
 from gptforge.tokenizer import Tokenizer
+from gptforge.loading import load_model, save  # noqa: E402
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 VARIANTS = ("fp32", "bf16", "int8", "int4", "pruned50")
@@ -44,7 +45,7 @@ def dir_size(path: Path) -> int:
 
 def make_variant(name: str, base_dir: Path, calibration: Optional[list[torch.Tensor]] = None) -> GPT:
     """Load the fp32 model from `base_dir` and turn it into the named variant."""
-    model = GPT.from_pretrained(base_dir)
+    model = load_model(base_dir)
     if name == "bf16":
         return model.to(torch.bfloat16)
     if name in ("int8", "int8-dyn"):
@@ -60,9 +61,9 @@ def make_variant(name: str, base_dir: Path, calibration: Optional[list[torch.Ten
 
 def save_variant(model: GPT, directory: Path) -> int:
     if hasattr(model, "quantization_config"):
-        save_quantized(model, directory)
+        save(directory, model)
     else:
-        model.save_pretrained(directory)
+        save(directory, model)
     return dir_size(directory)
 
 
@@ -118,7 +119,7 @@ def speed_table(args: argparse.Namespace, work: Path) -> dict[str, dict[str, Any
     config = Config.from_name(args.speed_model) if not args.quick else Config.from_name("micro", vocab_size=8192)
     torch.manual_seed(0)
     base = work / "speed-fp32"
-    GPT(config).eval().save_pretrained(base)
+    save(base, GPT(config).eval())
     names = list(VARIANTS) + ["int8-dyn"]
     models, rows = {}, {}
     for name in names:
@@ -134,7 +135,7 @@ def speed_table(args: argparse.Namespace, work: Path) -> dict[str, dict[str, Any
             from gptforge.interop.gguf import export_gguf
 
             tok = Tokenizer.train_bpe(["a b c " * 10], 300)
-            gguf_path = export_gguf(GPT.from_pretrained(base), work / "speed-q8_0.gguf", tokenizer=tok, outtype="q8_0")
+            gguf_path = export_gguf(load_model(base), work / "speed-q8_0.gguf", tokenizer=tok, outtype="q8_0")
             peer = llama_cpp_timer(gguf_path, args.prompt_len, args.decode_tokens)
             if peer is not None:
                 peer()
@@ -194,7 +195,7 @@ def quality_table(args: argparse.Namespace, work: Path) -> Optional[dict[str, di
         cfg = TrainConfig(max_steps=args.train_steps, lr=3e-3, warmup_steps=20, device="cpu", weight_decay=0.1,
                           progress=True, save_best=False)
         train(model, cfg, TokenWindows(train_ids, 16, 128), work / "ppl-run", save_model=lambda m, d: None)
-        model.eval().save_pretrained(base, tokenizer=tokenizer)
+        save(base, model.eval(), tokenizer)
     tokenizer = Tokenizer.from_file(base)
     held = torch.tensor(tokenizer.encode(text[split:]))
     calibration = calibration_batches(tokenizer.encode(text[:split]), 128, 16)

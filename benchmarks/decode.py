@@ -60,6 +60,7 @@ def main() -> None:
 
     from gptforge.config import Config
     from gptforge.generate import generate, prepare_for_decoding
+    from gptforge.loading import load_model, save
     from gptforge.model import GPT
 
     torch.set_num_threads(args.threads)
@@ -68,8 +69,8 @@ def main() -> None:
     config = Config.from_name(args.preset)
     model = GPT(config).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        ours = prepare_for_decoding(GPT.from_pretrained(tmp).eval())  # as `gptforge generate` loads it
+        save(tmp, model)
+        ours = prepare_for_decoding(load_model(tmp).eval())  # as `gptforge generate` loads it
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     del model
     hf.generation_config.eos_token_id = None

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from gptforge import GPT, Tokenizer
+from gptforge.loading import save  # noqa: E402
 
 
 SIZES = {
@@ -41,7 +42,7 @@ def build_model(directory: Path, size: str) -> None:
     tokenizer = Tokenizer.train_bpe(texts, vocab_size=512 if size == "quick" else 8192)
     torch.manual_seed(0)
     model = GPT.from_config("gpt2", vocab_size=tokenizer.vocab_size, **SIZES[size])
-    model.save_pretrained(directory, tokenizer=tokenizer)
+    save(directory, model, tokenizer)
 
 
 def requests(n_questions: int, n_docs: int, doc_words: int):

@@ -41,6 +41,7 @@ def build_model(directory: Path, preset: str) -> tuple[str, list[int]]:
     """Save a random-weight model + BPE tokenizer; return its served name and the ids to ban (EOS)."""
     import torch
 
+    from gptforge.loading import save
     from gptforge.model import GPT
     from gptforge.tokenizer import Tokenizer
 
@@ -48,7 +49,7 @@ def build_model(directory: Path, preset: str) -> tuple[str, list[int]]:
     tokenizer = Tokenizer.train_bpe(CORPUS * 50, vocab_size=512)
     model = GPT.from_config(preset, vocab_size=tokenizer.vocab_size)
     path = directory / f"serve-bench-{preset}"
-    model.save_pretrained(path, tokenizer=tokenizer)
+    save(path, model, tokenizer)
     return path, tokenizer.stop_token_ids()
 
 

@@ -6,9 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from gptforge import GPT
 from gptforge.cli import main
 from gptforge.demo import default_recipe_path, plan_steps, unigram_log_probs
+from gptforge.generate import generate
+from gptforge.loading import load
 
 # The shipped recipe, shrunk: a slice of the stdlib, a 2-layer model, a fixed number of steps.
 TINY = ["--steps", "60", "--minutes", "5", "--no-progress", "--max-new-tokens", "12",
@@ -47,9 +48,9 @@ def test_demo_end_to_end_and_reuse(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "metrics.jsonl").is_file()
 
-    model = GPT.from_pretrained(out / "model")
-    assert model.tokenizer is not None and model.config.n_layer == 2
-    assert len(model.generate("def ", max_new_tokens=4, do_sample=False)[0].token_ids) > 0
+    model, tokenizer = load(out / "model")
+    assert tokenizer is not None and model.config.n_layer == 2
+    assert len(generate(model, "def ", tokenizer, max_new_tokens=4, do_sample=False)[0].token_ids) > 0
 
     assert len(report["completions"]) == 5
     for item in report["completions"]:

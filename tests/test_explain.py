@@ -9,6 +9,7 @@ import torch
 from gptforge import GPT, Tokenizer
 from gptforge.cli import main
 from gptforge.explain import attention_maps, explain, format_table, write_report
+from gptforge.loading import load_model, save
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,7 +35,7 @@ def _hf_pair(kind, tmp_path):
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     hf.save_pretrained(tmp_path / kind)
-    return hf, GPT.from_pretrained(tmp_path / kind).eval()
+    return hf, load_model(tmp_path / kind).eval()
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama-gqa", "mistral-window"])
@@ -64,14 +65,13 @@ def tiny_model():
     tokenizer = Tokenizer.train_bpe(texts, vocab_size=300)
     torch.manual_seed(0)
     model = GPT.from_config("llama-nano", vocab_size=tokenizer.vocab_size, block_size=64).eval()
-    model.tokenizer = tokenizer
     return model, tokenizer
 
 
 def test_logprobs_alternatives_and_surprisal(tiny_model):
     model, tokenizer = tiny_model
     text = "def add(a, b): return a"
-    result = explain(model, text, top_k=4)
+    result = explain(model, text, tokenizer, top_k=4)
     ids = tokenizer.encode(text)
     assert [t.token_id for t in result.tokens] == ids
     assert "".join(result.token_strings) == text
@@ -93,28 +93,28 @@ def test_logprobs_alternatives_and_surprisal(tiny_model):
 
 
 def test_rank_one_for_the_argmax_token(tiny_model):
-    model, _ = tiny_model
+    model, tokenizer = tiny_model
     with torch.no_grad():
         best = int(model(torch.tensor([[5]]))[0, -1].argmax())
-    result = explain(model, [5, best], top_k=1)
+    result = explain(model, [5, best], tokenizer, top_k=1)
     assert result.tokens[1].rank == 1 and result.tokens[1].top_alternatives[0].token_id == best
 
 
 def test_bad_inputs_are_clear(tiny_model):
-    model, _ = tiny_model
+    model, tokenizer = tiny_model
     with pytest.raises(ValueError, match="zero tokens"):
-        explain(model, "")
+        explain(model, "", tokenizer)
     with pytest.raises(ValueError, match="more than the limit of 3"):
-        explain(model, "def add(a, b): return a + b", max_tokens=3)
+        explain(model, "def add(a, b): return a + b", tokenizer, max_tokens=3)
     with pytest.raises(ValueError, match="outside the model vocabulary"):
-        explain(model, [1, 10_000])
+        explain(model, [1, 10_000], tokenizer)
     with pytest.raises(ValueError, match="top_k"):
-        explain(model, "def", top_k=-1)
+        explain(model, "def", tokenizer, top_k=-1)
 
 
 def test_report_files(tiny_model, tmp_path):
-    model, _ = tiny_model
-    result = explain(model, "import os\nprint(os)")
+    model, tokenizer = tiny_model
+    result = explain(model, "import os\nprint(os)", tokenizer)
     written = write_report(result, tmp_path / "out")
     page = written["html"].read_text()
     assert page.startswith("<!doctype html>") and "data:image/png;base64," in page
@@ -130,7 +130,7 @@ def test_report_files(tiny_model, tmp_path):
 
 def test_cli_explain(tiny_model, tmp_path, capsys):
     model, tokenizer = tiny_model
-    model.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
+    save(tmp_path / "model", model, tokenizer)
     out = tmp_path / "report"
     assert main(["explain", "--model", str(tmp_path / "model"), "--text", "def add(a, b):",
                  "--out", str(out), "--top-k", "3"]) == 0
@@ -157,8 +157,8 @@ def test_report_page_in_headless_chromium(tiny_model, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    model, _ = tiny_model
-    result = explain(model, "def add(a, b):")
+    model, tokenizer = tiny_model
+    result = explain(model, "def add(a, b):", tokenizer)
     page = write_report(result, tmp_path / "report")["html"]
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -193,8 +193,8 @@ def test_large_attention_goes_to_npy(tiny_model, tmp_path, monkeypatch):
 
     from gptforge import explain as explain_module
 
-    model, _ = tiny_model
-    result = explain(model, "import os\nprint(os)")
+    model, tokenizer = tiny_model
+    result = explain(model, "import os\nprint(os)", tokenizer)
     monkeypatch.setattr(explain_module, "MAX_EMBEDDED_ATTENTION", 10)
     written = write_report(result, tmp_path / "big")
     stored = np.load(written["attention_npy"], allow_pickle=False)

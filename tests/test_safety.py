@@ -137,13 +137,12 @@ def test_load_moderator(tmp_path):
 def policy_and_model(tmp_path_factory):
     import torch
 
-    from gptforge import GPT, Tokenizer
+    from gptforge import GPT, Tokenizer, save
 
     root = tmp_path_factory.mktemp("moderated")
     tokenizer = Tokenizer.train_bpe(["hello there, how are you? fine thanks. " * 20], vocab_size=300)
     torch.manual_seed(0)
-    GPT.from_config("nano", vocab_size=tokenizer.vocab_size, block_size=64).save_pretrained(
-        root / "model", tokenizer=tokenizer)
+    save(root / "model", GPT.from_config("nano", vocab_size=tokenizer.vocab_size, block_size=64), tokenizer)
     (forced,) = tokenizer.encode("hello")  # a logit bias forces this token, so the output is known
     policy = root / "policy.yaml"
     policy.write_text("refusal: REFUSED-BY-POLICY\ninput:\n  blocked_terms: [secret plan]\n"

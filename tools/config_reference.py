@@ -39,7 +39,7 @@ SECTIONS: list[tuple[str, str, str]] = [
      "each entry of the `tasks:` list of a fine-tuning recipe (or `--data FILE` for one task)."),
     ("Fine-tuning data", "gptforge.finetune.recipe:DataSettings",
      "the `data:` section of a fine-tuning recipe."),
-    ("LoRA adapters", "gptforge.train.lora:LoRAConfig",
+    ("LoRA adapters", "gptforge.finetune.lora:LoRAConfig",
      "the `lora:` section of a fine-tuning recipe (with `method: lora`)."),
     ("Text augmentation", "gptforge.data.augment:AugmentConfig",
      "the `augment:` section of a fine-tuning recipe."),

@@ -166,7 +166,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
     """
     from .data.shards import load_prepared
     from .generate import generate
-    from .model import GPT
+    from .loading import load
     from .train.pretrain import load_recipe, prepare_data, pretrain
 
     if not minutes > 0:
@@ -232,7 +232,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
     train_seconds = _elapsed(out / "metrics.jsonl")
 
     echo("[3/4] validation perplexity on held-out code (the validation split)")
-    model = GPT.from_pretrained(out / "model")
+    model, tokenizer = load(out / "model")
     corpus = load_prepared(out / "data")
     scores = validation_report(model, corpus, min(recipe.data.seq_len, model.config.block_size))
     echo(f"      model    {scores['val_perplexity']:10.2f}  ({scores['val_loss']:.3f} nats/token)")
@@ -240,7 +240,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
          "token frequencies alone, the baseline to beat)")
 
     echo("[4/4] completions (prompt, then what the model wrote)")
-    outputs = generate(model, list(prompts), max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7,
+    outputs = generate(model, list(prompts), tokenizer, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7,
                        top_k=40, seed=seed)
     completions = []
     for prompt, output in zip(prompts, outputs):

@@ -11,7 +11,6 @@ Subclasses also derive from the builtin a caller would naturally catch (ValueErr
 
 from __future__ import annotations
 
-from typing import Optional
 
 
 class GptforgeError(Exception):

@@ -153,7 +153,6 @@ def attention_maps(model: GPT, input_ids: torch.Tensor) -> tuple[torch.Tensor, t
 def explain(model: GPT, text: str | Sequence[int], tokenizer: Optional["Tokenizer"] = None, *,
             top_k: int = 5, attention: bool = True, max_tokens: Optional[int] = None) -> Explanation:
     """Per-token log-probabilities, surprisal, top-k alternatives and attention maps for one text."""
-    tokenizer = tokenizer or getattr(model, "tokenizer", None)
     if isinstance(text, str):
         if tokenizer is None:
             raise ValueError("explain: a tokenizer is needed to encode text (the model directory has no "

@@ -43,10 +43,6 @@ class GenerationOutput:
 
 # ---- inputs --------------------------------------------------------------------------------------
 
-def _resolve_tokenizer(model: torch.nn.Module, tokenizer: Any) -> Any:
-    return tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-
-
 def normalize_prompts(prompts: Prompts, tokenizer: Any) -> list[list[int]]:
     """Token id lists from a string, a list of strings, a list of ids or a list of id lists."""
     if isinstance(prompts, str):
@@ -230,7 +226,6 @@ def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
     given as keywords or as `params=`. `echo=True` adds the prompt's own log-probabilities.
     """
     params = params.replace(**kwargs) if params is not None else SamplingParams.from_kwargs(**kwargs)
-    tokenizer = _resolve_tokenizer(model, tokenizer)
     if params.stop_strings and tokenizer is None:
         raise ValueError("stop: stop strings need a tokenizer to turn tokens into text")
     token_prompts = normalize_prompts(prompts, tokenizer)
@@ -262,7 +257,6 @@ def stream(model: torch.nn.Module, prompt: Prompt, tokenizer: Any = None, *,
     params = params.replace(**kwargs) if params is not None else SamplingParams.from_kwargs(**kwargs)
     if params.num_beams > 1 or params.num_return_sequences > 1:
         raise ValueError("stream: num_beams and num_return_sequences must be 1 when streaming")
-    tokenizer = _resolve_tokenizer(model, tokenizer)
     if tokenizer is None:
         raise ValueError("stream: streaming text needs a tokenizer")
     if not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int):

@@ -1,24 +1,19 @@
 """The Transformer: one decoder-only implementation for the GPT-2 and Llama families, with a KV cache.
 
-Pure compute: no file or network I/O here. `GPT.from_pretrained`, `save_pretrained` and `generate`
-are thin façades that import the I/O and decoding modules lazily, so `gptforge.model` itself
-depends on `gptforge.config` alone.
+Pure compute: no file or network I/O, and no import of the package but `gptforge.config`. Loading and
+saving live in `gptforge.loading` (`load(path) -> (model, tokenizer)`), decoding in `gptforge.generate`.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .tokenizer import Tokenizer
 
 
 # ---- position encodings ---------------------------------------------------------------------
@@ -233,7 +228,7 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
-    # ---- construction façades ---------------------------------------------------------------
+    # ---- construction ---------------------------------------------------------------
     @classmethod
     def from_config(cls, config: Config | str | dict, **overrides: Any) -> "GPT":
         """Randomly initialised model from a Config, a preset name or a dict."""
@@ -244,26 +239,6 @@ class GPT(nn.Module):
         elif overrides:
             config = config.replace(**overrides)
         return cls(config)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: Optional[torch.dtype] = None,
-                        device: str | torch.device = "cpu") -> "GPT":
-        """Load a Hugging Face-format directory (config.json + safetensors) written by us or by HF."""
-        from .interop.hf import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device)
-
-    def save_pretrained(self, path: str | Path, tokenizer: Optional["Tokenizer"] = None) -> Path:
-        """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
-        from .interop.hf import save_pretrained
-
-        return save_pretrained(self, path, tokenizer=tokenizer or getattr(self, "tokenizer", None))
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """See `gptforge.generate.generate`."""
-        from .generate import generate
-
-        return generate(self, *args, **kwargs)
 
     # ---- sizes ------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:

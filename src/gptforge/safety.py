@@ -12,7 +12,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Iterator, Literal, Optional
 
 from .config import ConfigError, dataclass_from_dict, load_yaml
 from .errors import GptforgeError
@@ -262,10 +262,36 @@ class OutputStreamGuard:
         return delta
 
 
+def moderated_stream(moderator: Optional[Moderator], deltas: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """The deltas of one streamed output that the policy allows, as (text, False) pairs.
+
+    When the text so far becomes blocked, one last (refusal, True) pair follows and the underlying stream
+    is closed, so generation stops. Without a moderator every delta passes. The CLI's `generate --stream`
+    and `chat` use this; the server applies the same `OutputStreamGuard` per sequence.
+    """
+    if moderator is None:
+        for delta in deltas:
+            yield delta, False
+        return
+    guard = moderator.stream_guard()
+    try:
+        for delta in deltas:
+            shown = guard.push(delta)
+            if guard.blocked:
+                yield moderator.refusal, True
+                return
+            if shown:
+                yield shown, False
+    finally:
+        close = getattr(deltas, "close", None)
+        if close is not None:
+            close()
+
+
 def load_moderator(path: Optional[str | Path], *, registry: Any = None) -> Optional[Moderator]:
     """The Moderator for a `--moderation FILE` option, or None when no file is given."""
     return Moderator.from_file(path, registry=registry) if path else None
 
 
-__all__ = ["RuleSet", "ModerationConfig", "ModerationVerdict", "ModerationError", "Moderator", "OutputStreamGuard",
+__all__ = ["RuleSet", "ModerationConfig", "ModerationVerdict", "ModerationError", "Moderator", "OutputStreamGuard", "moderated_stream",
            "load_moderator", "CONTENT_FILTER", "DEFAULT_REFUSAL"]

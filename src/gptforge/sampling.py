@@ -9,7 +9,7 @@ applies its logits processors; `sample_next_token` draws (or argmaxes) the next 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Optional, Sequence, Union
 
 import torch

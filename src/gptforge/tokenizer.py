@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -211,10 +211,6 @@ def _token_str(value: Any) -> Optional[str]:
     return value
 
 
-def iter_text_chunks(text: str, size: int = 1 << 16) -> Iterator[str]:
-    """Split a long text into chunks for tokenizer training iterators."""
-    for start in range(0, len(text), size):
-        yield text[start:start + size]
 
 
 __all__ = ["Tokenizer", "TokenizerError", "CHATML_TEMPLATE", "DEFAULT_SPECIAL_TOKENS", "atomic_write_text"]

@@ -11,6 +11,7 @@ from gptforge import GPT, Config
 from gptforge.atomic import atomic_directory, atomic_path, atomic_write_text
 from gptforge.checkpoint import (CheckpointError, capture_rng_state, load_state, load_tensors, restore_rng_state,
                                  save_state, save_tensors)
+from gptforge.loading import load_model, save
 
 
 def tiny() -> GPT:
@@ -19,9 +20,9 @@ def tiny() -> GPT:
 
 def test_save_load_pretrained_round_trip(tmp_path):
     model = tiny().eval()
-    model.save_pretrained(tmp_path)
+    save(tmp_path, model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
-    again = GPT.from_pretrained(tmp_path)
+    again = load_model(tmp_path)
     ids = torch.randint(0, 40, (2, 9))
     assert torch.equal(model(ids), again(ids))
     assert again.lm_head.weight is again.wte.weight  # tie survives loading
@@ -29,26 +30,43 @@ def test_save_load_pretrained_round_trip(tmp_path):
 
 def test_missing_truncated_and_mismatched_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
-        GPT.from_pretrained(tmp_path / "nope")
-    tiny().save_pretrained(tmp_path / "m")
+        load_model(tmp_path / "nope")
+    save(tmp_path / "m", tiny())
     weights = tmp_path / "m" / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        GPT.from_pretrained(tmp_path / "m")
+        load_model(tmp_path / "m")
     weights.write_bytes(data)
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    original = json.loads((tmp_path / "m" / "config.json").read_text())
+    # Checked against the safetensors headers before anything is allocated: a wider config...
+    cfg = json.loads(json.dumps(original))
     cfg["gptforge"]["n_embd"] = 32
     cfg["n_embd"] = 32
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="shape mismatch"):
-        GPT.from_pretrained(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="parameters but the weights hold"):
+        load_model(tmp_path / "m")
+    # ...a deeper one (a hostile n_layer must not build layers for minutes)...
+    cfg = json.loads(json.dumps(original))
+    cfg["gptforge"]["n_layer"] = cfg["n_layer"] = 100_000
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"no tensors for layer {original['n_layer']}"):
+        load_model(tmp_path / "m")
+    # ...and a missing tensor, named.
+    (tmp_path / "m" / "config.json").write_text(json.dumps(original))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    del tensors["transformer.h.0.mlp.c_fc.weight"]
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match="'transformer.h.0.mlp.c_fc.weight' is missing"):
+        load_model(tmp_path / "m")
 
 
 def test_unknown_architecture_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
-        GPT.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_pickle_weights_are_refused(tmp_path):
@@ -57,12 +75,12 @@ def test_pickle_weights_are_refused(tmp_path):
                                                       "n_layer": 1, "n_head": 2}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(CheckpointError, match="safetensors only"):
-        GPT.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_sharded_checkpoint_loads(tmp_path):
     model = tiny()
-    model.save_pretrained(tmp_path)
+    save(tmp_path, model)
     tensors = load_tensors(tmp_path / "model.safetensors")
     names = sorted(tensors)
     half = len(names) // 2
@@ -71,7 +89,7 @@ def test_sharded_checkpoint_loads(tmp_path):
     index = {"weight_map": {k: f"model-0000{1 if i < half else 2}-of-00002.safetensors" for i, k in enumerate(names)}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     os.remove(tmp_path / "model.safetensors")
-    again = GPT.from_pretrained(tmp_path)
+    again = load_model(tmp_path)
     ids = torch.randint(0, 40, (1, 5))
     assert torch.equal(model.eval()(ids), again(ids))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -21,10 +22,16 @@ def tiny_config(family: str) -> Config:
     return Config.from_name("llama-nano", vocab_size=320, block_size=64, n_embd=64, n_head=4, n_kv_head=2)
 
 
+@lru_cache(maxsize=1)
+def tiny_tokenizer() -> Tokenizer:
+    """The BPE tokenizer of TEXT that every tiny model here uses."""
+    return Tokenizer.train_bpe([TEXT], 300)
+
+
 def train_tiny(family: str, steps: int = 40) -> GPT:
     """A tiny model that has learned TEXT well enough for greedy decoding to be confident."""
     torch.manual_seed(0)
-    tokenizer = Tokenizer.train_bpe([TEXT], 300)
+    tokenizer = tiny_tokenizer()
     model = GPT(tiny_config(family))
     ids = torch.tensor(tokenizer.encode(TEXT))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -35,15 +42,13 @@ def train_tiny(family: str, steps: int = 40) -> GPT:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    model.tokenizer = tokenizer
-    return model
+    return model.eval()
 
 
 @torch.no_grad()
 def perplexity(model: GPT, text: str = HELD_OUT) -> float:
     """exp(mean next-token loss) of `text` in one window."""
-    ids = torch.tensor(model.tokenizer.encode(text))[None, : model.config.block_size + 1]
+    ids = torch.tensor(tiny_tokenizer().encode(text))[None, : model.config.block_size + 1]
     return math.exp(float(causal_lm_loss(model(ids[:, :-1]).float(), ids[:, 1:])))
 
 

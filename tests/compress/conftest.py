@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from compress_helpers import train_tiny
+from compress_helpers import tiny_tokenizer, train_tiny
+from gptforge.loading import save
 
 
 @pytest.fixture(scope="session")
@@ -14,5 +15,5 @@ def trained_dirs(tmp_path_factory) -> dict[str, str]:
     out = {}
     for family in ("gpt2", "llama"):
         model = train_tiny(family)
-        out[family] = str(model.save_pretrained(root / family))
+        out[family] = str(save(root / family, model, tiny_tokenizer()))
     return out

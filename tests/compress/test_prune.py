@@ -4,17 +4,17 @@ import torch
 from gptforge.cli import main
 from gptforge.compress import magnitude_prune, prune_model, sparsity_of, structured_prune, wanda_prune
 from gptforge.compress.prune import activation_norms, calibration_batches, prunable_linears, recover_finetune
-from gptforge.model import GPT
+from gptforge.loading import load_model, save
 
-from compress_helpers import HELD_OUT, TEXT, greedy, perplexity
+from compress_helpers import HELD_OUT, TEXT, greedy, perplexity, tiny_tokenizer
 
 
 def _calibration(model):
-    return calibration_batches(model.tokenizer.encode(TEXT), 48, 4)
+    return calibration_batches(tiny_tokenizer().encode(TEXT), 48, 4)
 
 
 def test_magnitude_reaches_sparsity_and_keeps_largest(trained_dirs):
-    model = GPT.from_pretrained(trained_dirs["gpt2"])
+    model = load_model(trained_dirs["gpt2"])
     original = model.blocks[0].mlp.up.weight.detach().clone()
     magnitude_prune(model, 0.5)
     assert sparsity_of(model) == pytest.approx(0.5, abs=0.01)
@@ -23,7 +23,7 @@ def test_magnitude_reaches_sparsity_and_keeps_largest(trained_dirs):
 
 
 def test_wanda_prunes_per_row_by_weight_times_activation(trained_dirs):
-    model = GPT.from_pretrained(trained_dirs["llama"])
+    model = load_model(trained_dirs["llama"])
     calibration = _calibration(model)
     name = "blocks.1.mlp.down"
     weight = model.get_submodule(name).weight.detach().clone()
@@ -40,7 +40,7 @@ def test_wanda_prunes_per_row_by_weight_times_activation(trained_dirs):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_structured_prune_really_shrinks_and_still_works(trained_dirs, tmp_path, family):
-    model = GPT.from_pretrained(trained_dirs[family])
+    model = load_model(trained_dirs[family])
     c = model.config
     pruned = structured_prune(model, 0.5, _calibration(model))
     pc = pruned.config
@@ -48,10 +48,10 @@ def test_structured_prune_really_shrinks_and_still_works(trained_dirs, tmp_path,
     assert pc.ffn_dim < c.ffn_dim
     assert pruned.num_params() < model.num_params()
     assert pruned.blocks[0].attn.qkv.weight.shape[0] == (pc.n_head + 2 * pc.kv_heads) * pc.hdim
-    pruned.save_pretrained(tmp_path / "p", tokenizer=model.tokenizer)
-    loaded = GPT.from_pretrained(tmp_path / "p")
+    save(tmp_path / "p", pruned, tiny_tokenizer())
+    loaded = load_model(tmp_path / "p")
     assert loaded.config == pc
-    ids = torch.tensor([model.tokenizer.encode(HELD_OUT)[:20]])
+    ids = torch.tensor([tiny_tokenizer().encode(HELD_OUT)[:20]])
     with torch.no_grad():
         assert torch.equal(loaded(ids), pruned(ids))
     assert perplexity(loaded) < loaded.config.vocab_size  # still a language model, better than uniform
@@ -59,7 +59,7 @@ def test_structured_prune_really_shrinks_and_still_works(trained_dirs, tmp_path,
 
 
 def test_structured_prune_zero_sparsity_is_identity(trained_dirs):
-    model = GPT.from_pretrained(trained_dirs["llama"])
+    model = load_model(trained_dirs["llama"])
     same = structured_prune(model, 0.0)
     ids = torch.tensor([[3, 7, 11, 13]])
     with torch.no_grad():
@@ -68,10 +68,10 @@ def test_structured_prune_zero_sparsity_is_identity(trained_dirs):
 
 @pytest.mark.slow
 def test_recovery_finetune_keeps_zeros_and_lowers_loss(trained_dirs, tmp_path):
-    model = GPT.from_pretrained(trained_dirs["gpt2"])
+    model = load_model(trained_dirs["gpt2"])
     magnitude_prune(model, 0.7)
     before = perplexity(model)
-    recover_finetune(model, model.tokenizer.encode(TEXT), str(tmp_path / "run"), steps=8, lr=2e-3, batch_size=4,
+    recover_finetune(model, tiny_tokenizer().encode(TEXT), str(tmp_path / "run"), steps=8, lr=2e-3, batch_size=4,
                      seq_len=32)
     assert sparsity_of(model) == pytest.approx(0.7, abs=0.01)
     assert perplexity(model) < before
@@ -83,7 +83,7 @@ def test_cli_prune_and_bad_arguments(trained_dirs, tmp_path, capsys):
     out = tmp_path / "w"
     assert main(["prune", "--model", trained_dirs["gpt2"], "--sparsity", "0.5", "--method", "wanda",
                  "--calibration", str(calib), "--out", str(out)]) == 0
-    assert sparsity_of(GPT.from_pretrained(out)) == pytest.approx(0.5, abs=0.01)
+    assert sparsity_of(load_model(out)) == pytest.approx(0.5, abs=0.01)
     for bad, message in ((["--sparsity", "1.0", "--method", "magnitude"], "sparsity must be in [0, 1), got 1.0"),
                          (["--sparsity", "-0.1", "--method", "magnitude"], "sparsity must be in [0, 1)"),
                          (["--sparsity", "0.5", "--method", "random"], "unknown pruning method 'random'"),
@@ -92,4 +92,4 @@ def test_cli_prune_and_bad_arguments(trained_dirs, tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="unknown pruning method"):
-        prune_model(GPT.from_pretrained(trained_dirs["gpt2"]), "l0", 0.5)
+        prune_model(load_model(trained_dirs["gpt2"]), "l0", 0.5)

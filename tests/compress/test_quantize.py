@@ -5,12 +5,11 @@ import torch
 from safetensors import safe_open
 
 from gptforge.cli import main
-from gptforge.compress import Int4Linear, Int8Linear, dequantize_model, quantize_model, save_quantized
+from gptforge.compress import Int4Linear, Int8Linear, dequantize_model, quantize_model
 from gptforge.compress.quantize import dequantize_int4, pack_int4, quantize_int4, unpack_int4
-from gptforge.interop.hf import QUANTIZED_LOADERS
-from gptforge.model import GPT
+from gptforge.loading import load, load_model, save
 
-from compress_helpers import greedy, perplexity
+from compress_helpers import greedy, perplexity, tiny_tokenizer
 
 
 def test_int4_pack_roundtrip_and_clipping_search():
@@ -45,22 +44,22 @@ def test_dynamic_int8_activations_close_for_prefill():
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_model_saves_loads_generates_and_evaluates(trained_dirs, tmp_path, family, method):
-    float_model = GPT.from_pretrained(trained_dirs[family])
+    float_model = load_model(trained_dirs[family])
     ppl_float = perplexity(float_model)
-    prompt = float_model.tokenizer.encode("the quick brown")
+    prompt = tiny_tokenizer().encode("the quick brown")
     tokens_float = greedy(float_model, prompt, 12)
 
-    model = quantize_model(GPT.from_pretrained(trained_dirs[family]), method)
-    save_quantized(model, tmp_path / "q")
+    model = quantize_model(load_model(trained_dirs[family]), method)
+    save(tmp_path / "q", model, tiny_tokenizer())
     hf = json.loads((tmp_path / "q" / "config.json").read_text())
     assert hf["quantization_config"]["bits"] == (8 if method == "int8" else 4)
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         name = "blocks.0.mlp.up.weight" if method == "int8" else "blocks.0.mlp.up.weight_packed"
         assert f.get_tensor(name).dtype == (torch.int8 if method == "int8" else torch.uint8)
 
-    loaded = GPT.from_pretrained(tmp_path / "q")
+    loaded, tokenizer = load(tmp_path / "q")
     assert isinstance(loaded.blocks[0].attn.qkv, Int8Linear if method == "int8" else Int4Linear)
-    assert loaded.tokenizer is not None
+    assert tokenizer is not None
     ids = torch.tensor([prompt])
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))  # the file holds exactly what was quantized
@@ -73,15 +72,15 @@ def test_quantized_model_saves_loads_generates_and_evaluates(trained_dirs, tmp_p
 
 
 def test_quantized_size_shrinks(trained_dirs, tmp_path):
-    model = GPT.from_pretrained(trained_dirs["gpt2"])
+    model = load_model(trained_dirs["gpt2"])
     float_size = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values())
     for method, factor in (("int8", 0.4), ("int4", 0.3)):
-        save_quantized(quantize_model(GPT.from_pretrained(trained_dirs["gpt2"]), method), tmp_path / method)
+        save(tmp_path / method, quantize_model(load_model(trained_dirs["gpt2"]), method))
         assert (tmp_path / method / "model.safetensors").stat().st_size < float_size * factor
 
 
 def test_dequantize_model_matches_quantized(trained_dirs):
-    q = quantize_model(GPT.from_pretrained(trained_dirs["llama"]), "int8")
+    q = quantize_model(load_model(trained_dirs["llama"]), "int8")
     plain = dequantize_model(q)
     ids = torch.tensor([[5, 9, 17, 33]])
     with torch.no_grad():
@@ -89,20 +88,26 @@ def test_dequantize_model_matches_quantized(trained_dirs):
     assert all(isinstance(m, torch.nn.Linear) for n, m in plain.named_modules() if n.endswith("qkv"))
 
 
-def test_loader_is_registered():
-    import gptforge.compress  # noqa: F401
+def test_quantized_directory_loads_in_a_fresh_process(trained_dirs, tmp_path):
+    """Loading chooses the quantized path from config.json alone: nothing has to import gptforge.compress first."""
+    import subprocess
+    import sys
 
-    assert "gptforge" in QUANTIZED_LOADERS
+    save(tmp_path / "q", quantize_model(load_model(trained_dirs["gpt2"]), "int8"), tiny_tokenizer())
+    code = ("import sys; from gptforge.loading import load; m, t = load(sys.argv[1]); "
+            "print(type(m.blocks[0].attn.qkv).__name__, t is not None)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q")], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["Int8Linear", "True"]
 
 
 def test_cli_quantize_and_bad_arguments(trained_dirs, tmp_path, capsys):
     out = tmp_path / "q8"
     assert main(["quantize", "--model", trained_dirs["gpt2"], "--method", "int8", "--out", str(out),
                  "--dynamic-activations"]) == 0
-    assert GPT.from_pretrained(out).blocks[0].mlp.up.dynamic_activations
+    assert load_model(out).blocks[0].mlp.up.dynamic_activations
     assert main(["quantize", "--model", trained_dirs["llama"], "--method", "int4", "--keep-lm-head",
                  "--out", str(tmp_path / "q4")]) == 0
-    q4 = GPT.from_pretrained(tmp_path / "q4")
+    q4 = load_model(tmp_path / "q4")
     assert isinstance(q4.blocks[0].mlp.gate, Int4Linear) and isinstance(q4.lm_head, torch.nn.Linear)
     assert main(["quantize", "--model", trained_dirs["gpt2"], "--method", "int3", "--out", str(tmp_path / "x")]) == 2
     assert "unknown quantization method 'int3'" in capsys.readouterr().err
@@ -113,6 +118,6 @@ def test_cli_quantize_and_bad_arguments(trained_dirs, tmp_path, capsys):
 
 
 def test_already_quantized_is_refused(trained_dirs):
-    q = quantize_model(GPT.from_pretrained(trained_dirs["gpt2"]), "int8")
+    q = quantize_model(load_model(trained_dirs["gpt2"]), "int8")
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(q, "int4")

@@ -5,6 +5,7 @@ import torch
 
 from gptforge import GPT
 from gptforge.tokenizer import Tokenizer
+from gptforge.loading import save
 
 CORPUS = [
     "The cat sat on the mat. The dog sat on the log. A bird sang in the tree.",
@@ -25,12 +26,12 @@ def model_dir(tmp_path_factory):
         # Larger-than-init weights make the predictions far from uniform, so choices rarely tie.
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.15)
-    model.save_pretrained(directory, tokenizer=tokenizer)
+    save(directory, model, tokenizer)
     return directory
 
 
 @pytest.fixture(scope="session")
 def model_and_tokenizer(model_dir):
-    from gptforge.eval.loading import load_model_and_tokenizer
+    from gptforge.loading import load
 
-    return load_model_and_tokenizer(model_dir, device="cpu")
+    return load(model_dir, device="cpu")

@@ -5,6 +5,7 @@ import pytest
 from finetune_helpers import char_tokenizer
 from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
+from gptforge.loading import save
 
 
 @pytest.fixture(scope="session")
@@ -17,5 +18,5 @@ def base_model(tmp_path, tokenizer):
     """A tiny random GPT-2-style model folder with a char tokenizer."""
     model = GPT.from_config("nano", vocab_size=tokenizer.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=64)
     path = tmp_path / "base"
-    model.save_pretrained(path, tokenizer=tokenizer)
+    save(path, model, tokenizer)
     return path

@@ -12,7 +12,8 @@ from gptforge.data.sft import IGNORE_INDEX
 from gptforge.finetune.mixture import MultiTaskSource
 from gptforge.finetune.recipe import TaskRecipe, recipe_from_dict
 from gptforge.finetune.runner import build_task, finetune, load_finetuned
-from gptforge.model import GPT
+from gptforge.generate import generate
+from gptforge.loading import load_model
 
 QUIET = {"progress": False, "weight_decay": 0.0}
 
@@ -47,8 +48,8 @@ def test_full_finetune_learns_number_words_with_completion_only_loss(tmp_path, b
     assert result.val["words/exact_match"] >= 0.9, result.val
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "loss_curve.png").is_file()
-    tuned = load_finetuned(tmp_path / "run" / "model")
-    out = tuned.generate(["three one=", "nine="], max_new_tokens=4, do_sample=False)
+    tuned, tokenizer = load_finetuned(tmp_path / "run" / "model")
+    out = generate(tuned, ["three one=", "nine="], tokenizer, max_new_tokens=4, do_sample=False)
     assert [o.text for o in out] == ["31", "9"]
 
 
@@ -64,16 +65,16 @@ def test_lora_cli_with_merge_and_merge_lora_command(tmp_path, base_model):
     adapter = tmp_path / "lora" / "model"
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in adapter.iterdir()}
     assert not (adapter / "model.safetensors").exists()  # only the adapter is saved
-    with_adapter = load_finetuned(adapter)
-    base = GPT.from_pretrained(base_model)
+    with_adapter, _ = load_finetuned(adapter)
+    base = load_model(base_model)
     ids = torch.randint(0, 90, (2, 12))
     with torch.no_grad():
         adapted = with_adapter(ids)
         assert not torch.allclose(adapted, base(ids), atol=1e-4)  # training moved the adapter
-        assert torch.allclose(GPT.from_pretrained(tmp_path / "lora" / "merged")(ids), adapted, atol=1e-5)
+        assert torch.allclose(load_model(tmp_path / "lora" / "merged")(ids), adapted, atol=1e-5)
     assert main(["merge-lora", "--adapter", str(adapter), "--out", str(tmp_path / "merged2")]) == 0
     with torch.no_grad():
-        assert torch.allclose(GPT.from_pretrained(tmp_path / "merged2")(ids), adapted, atol=1e-5)
+        assert torch.allclose(load_model(tmp_path / "merged2")(ids), adapted, atol=1e-5)
 
 
 def test_multitask_run_reports_per_task_metrics(tmp_path, base_model):
@@ -115,9 +116,9 @@ def test_classification_head_trains_and_reloads(tmp_path, base_model):
     assert 0.0 <= result.val["sorted/accuracy"] <= 1.0 and "sorted/val_loss" in result.val
     folder = tmp_path / "head" / "model"
     assert {"classifier.safetensors", "classifier.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
-    reloaded = load_finetuned(folder)
+    reloaded, tokenizer = load_finetuned(folder)
     assert reloaded.labels == ["yes", "no"]
-    ids = reloaded.body.tokenizer.encode("0123?")
+    ids = tokenizer.encode("0123?")
     assert reloaded.predict([ids])[0] in ("yes", "no")
 
 
@@ -130,7 +131,7 @@ def test_cli_bad_data_exits_2_naming_file_line_and_field(tmp_path, base_model, c
                  "--out", str(tmp_path / "x")])
     assert code == 2
     err = capsys.readouterr().err
-    assert "bad.jsonl line 5 field 'label': label 'maybe' is not in the label list" in err
+    assert "bad.jsonl:5 field 'label': label 'maybe' is not in the label list" in err
     assert not (tmp_path / "x").exists()  # nothing was started or written
     code = main(["finetune", "--model", str(base_model), "--data", data, "--train.nope=1"])
     assert code == 2 and "nope" in capsys.readouterr().err

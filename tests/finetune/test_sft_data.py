@@ -8,7 +8,7 @@ import pytest
 from gptforge.data.augment import AugmentConfig, augment_text
 from gptforge.data.sft import (IGNORE_INDEX, DataError, Example, Record, collate, detect_format, load_sft_examples,
                                pack_examples, read_records, render_segments, tokenize_segments)
-from gptforge.data.tasks import TaskTemplate
+from gptforge.data.templates import TaskTemplate
 
 from finetune_helpers import write_jsonl
 
@@ -103,17 +103,17 @@ def test_long_prompts_are_truncated_from_the_left(tokenizer):
 
 
 @pytest.mark.parametrize("content, fmt, expected", [
-    ('{"prompt": "a"}\n', "auto", r"bad\.jsonl line 1: cannot tell the data format"),
+    ('{"prompt": "a"}\n', "auto", r"bad\.jsonl:1: cannot tell the data format"),
     ('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', "prompt_completion",
-     r"bad\.jsonl line 2 field 'completion': missing"),
+     r"bad\.jsonl:2 field 'completion': missing"),
     ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 7}\n', "auto",
-     r"bad\.jsonl line 2 field 'completion': expected a string, got int"),
+     r"bad\.jsonl:2 field 'completion': expected a string, got int"),
     ('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a", "completion": ["x"]}\n', "auto",
-     r"bad\.jsonl line 3 field 'completion': expected a string, got list"),
-    ('{"prompt": "a", "completion": "b"}\n{oops\n', "auto", r"bad\.jsonl line 2: invalid JSON"),
+     r"bad\.jsonl:3 field 'completion': expected a string, got list"),
+    ('{"prompt": "a", "completion": "b"}\n{oops\n', "auto", r"bad\.jsonl:2: invalid JSON"),
     ("", "auto", r"bad\.jsonl: no records \(empty file\)"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "auto", r"line 1 field 'messages': no assistant"),
-    ('{"messages": [{"role": "robot", "content": "hi"}]}\n', "auto", r"line 1 field 'messages\[0\]\.role'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "auto", r":1 field 'messages': no assistant"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}\n', "auto", r":1 field 'messages\[0\]\.role'"),
 ])
 def test_bad_data_names_file_line_and_field(tmp_path, tokenizer, content, fmt, expected):
     (tmp_path / "bad.jsonl").write_text(content)
@@ -126,7 +126,7 @@ def test_label_not_in_label_list_names_file_line_and_field(tmp_path):
     template = TaskTemplate("sentiment")
     records = read_records(tmp_path / "labels.csv")
     template.segments(records[0])
-    with pytest.raises(DataError, match=r"labels\.csv line 3 field 'label': label 'neutral' is not in the label list"):
+    with pytest.raises(DataError, match=r"labels\.csv:3 field 'label': label 'neutral' is not in the label list"):
         template.segments(records[1])
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import transformers
 
-from gptforge.model import GPT
+from gptforge.loading import load_model
 
 
 def _save_hf(model, path):
@@ -26,5 +26,5 @@ def hf_pair(request, tmp_path_factory):
         hf = transformers.LlamaForCausalLM(config)
     hf.eval()
     path = _save_hf(hf, tmp_path_factory.mktemp(request.param))
-    ours = GPT.from_pretrained(path)
+    ours = load_model(path)
     return hf, ours

@@ -7,6 +7,7 @@ from gptforge.config import Config
 from gptforge.generate import generate, score_tokens, stream
 from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
+from gptforge.loading import load_model, save
 
 TEXT = "the quick brown fox jumps over the lazy dog. héllo wörld 🙂 日本語! " * 4
 
@@ -156,10 +157,10 @@ def test_bad_prompts_are_clear_errors(model, tokenizer):
         generate(model, "text", None)
 
 
-def test_model_generate_facade_and_cache_restored(model, tokenizer):
+def test_generate_restores_the_models_own_cache(model, tokenizer):
     model.setup_cache(2, 16)
     before = model.blocks[0].attn.kv_cache
-    out = model.generate("the", tokenizer, max_new_tokens=3, eos_token_id=[])
+    out = generate(model, "the", tokenizer, max_new_tokens=3, eos_token_id=[])
     assert len(out) == 1 and len(out[0].token_ids) == 3
     assert model.blocks[0].attn.kv_cache is before and model.cache_max_len == 16
     model.clear_cache()
@@ -191,7 +192,7 @@ def test_prepare_for_decoding_keeps_outputs_ties_and_checkpoints(tokenizer, tmp_
     assert model.lm_head.weight is model.wte.weight  # the tie survives
     after = generate(model, PROMPTS, tokenizer, max_new_tokens=8, eos_token_id=[])
     assert [o.token_ids for o in after] == [o.token_ids for o in before]
-    model.save_pretrained(tmp_path / "saved", tokenizer=tokenizer)
-    reloaded = GPT.from_pretrained(tmp_path / "saved")
+    save(tmp_path / "saved", model, tokenizer)
+    reloaded = load_model(tmp_path / "saved")
     for name, value in reloaded.state_dict().items():
         assert torch.equal(value, state[name]), name

@@ -9,6 +9,7 @@ from gptforge.config import Config  # noqa: E402
 from gptforge.interop.gguf import export_gguf, gguf_tensors, permute_for_llama_cpp, read_gguf_tensors  # noqa: E402
 from gptforge.model import GPT, apply_rope, rope_cache  # noqa: E402
 from gptforge.tokenizer import Tokenizer  # noqa: E402
+from gptforge.loading import save
 
 TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 30
 
@@ -114,7 +115,7 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_run(tmp_path, tokenizer):
 def test_llama_cpp_greedy_tokens_match(tmp_path, tokenizer, family):
     llama_cpp = pytest.importorskip("llama_cpp")
     model = tiny(family)
-    model.save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    save(tmp_path / "m", model, tokenizer)
     assert main(["export", "--model", str(tmp_path / "m"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
     prompt = tokenizer.encode("the quick brown fox")
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, n_threads=2, verbose=False,

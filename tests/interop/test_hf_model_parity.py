@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from gptforge import GPT
 from gptforge.interop.hf import config_from_hf
+from gptforge.loading import load_model, save
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,7 +53,7 @@ def pair(request, tmp_path):
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     hf.save_pretrained(tmp_path / "hf")
-    ours = GPT.from_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
     return request.param, hf, ours, tmp_path
 
 
@@ -82,9 +82,9 @@ def test_greedy_matches(pair):
 
 def test_round_trip_through_hf(pair):
     arch, hf, ours, tmp_path = pair
-    ours.save_pretrained(tmp_path / "ours")
+    save(tmp_path / "ours", ours)
     hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
-    ours2 = GPT.from_pretrained(tmp_path / "ours")
+    ours2 = load_model(tmp_path / "ours")
     ids = torch.randint(0, 97, (1, 30))
     with torch.no_grad():
         a, b, c = ours(ids), hf2(ids).logits, ours2(ids)

@@ -18,6 +18,7 @@ import torch
 from gptforge.config import Config
 from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
+from gptforge.loading import load, save
 
 API_KEY = "sk-test-0123456789"
 MODEL_NAME = "tiny-chat"
@@ -51,22 +52,22 @@ def wait_healthy(base: str, timeout: float = 60.0, proc: subprocess.Popen | None
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    """A 2-layer Llama-style model with a byte-level BPE tokenizer, saved with save_pretrained."""
+    """A 2-layer Llama-style model with a byte-level BPE tokenizer, saved with gptforge.loading.save."""
     torch.manual_seed(0)
     tokenizer = Tokenizer.train_bpe(CORPUS * 20, vocab_size=320)
     config = Config(name="tiny", family="llama", vocab_size=tokenizer.vocab_size, block_size=128, n_layer=2,
                     n_head=4, n_embd=64, pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False)
     model = GPT(config)
     path = tmp_path_factory.mktemp("serve") / MODEL_NAME
-    model.save_pretrained(path, tokenizer=tokenizer)
+    save(path, model, tokenizer)
     return path
 
 
 @pytest.fixture(scope="session")
 def reference_model(model_dir):
     """The same model in-process, for checking the server's numbers."""
-    model = GPT.from_pretrained(model_dir).eval()
-    return model, model.tokenizer
+    model, tokenizer = load(model_dir)
+    return model, tokenizer
 
 
 class CLIServer:
@@ -134,7 +135,7 @@ def start_server(model_dir):
 
     def start(options, step_delay: float = 0.0) -> InProcessServer:
         def loader():
-            model = GPT.from_pretrained(model_dir).eval()
+            model, tokenizer = load(model_dir)
             if step_delay:
                 forward = model.forward
 
@@ -143,7 +144,7 @@ def start_server(model_dir):
                     return forward(*args, **kwargs)
 
                 model.forward = slow_forward
-            return model, model.tokenizer
+            return model, tokenizer
 
         srv = InProcessServer(create_app(loader, options), free_port()).__enter__()
         started.append(srv)

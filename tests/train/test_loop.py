@@ -16,6 +16,7 @@ from gptforge.model import GPT
 from gptforge.train import loop as loop_module
 from gptforge.train.loop import TrainConfig, latest_checkpoint, train
 from gptforge.train.metrics import read_metrics
+from gptforge.loading import load_model
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -42,7 +43,7 @@ def test_training_lowers_loss_and_writes_run_folder(tmp_path):
     run = tmp_path / "run"
     assert (run / "loss_curve.png").stat().st_size > 1000
     assert len(losses_of(run)) == 25
-    reloaded = GPT.from_pretrained(run / "model")
+    reloaded = load_model(run / "model")
     x = torch.arange(16)[None]
     model_logits = reloaded(x)
     assert model_logits.shape == (1, 16, 32)
@@ -169,7 +170,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resumes(tmp_path):
     assert stopped.returncode == 130, stopped.stderr
     assert json.loads(stopped.stdout.strip().splitlines()[-1]) == {"steps": 5, "interrupted": True}
     assert latest_checkpoint(tmp_path / "run").name == "step-00000005"
-    assert GPT.from_pretrained(tmp_path / "run" / "model").config.vocab_size == 32
+    assert load_model(tmp_path / "run" / "model").config.vocab_size == 32
     resumed = _tiny_run(tmp_path / "run", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     full = _tiny_run(tmp_path / "full")

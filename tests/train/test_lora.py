@@ -8,8 +8,9 @@ import torch
 from gptforge.checkpoint import CheckpointError
 from gptforge.config import ConfigError
 from gptforge.model import GPT
-from gptforge.train.lora import (LoRAConfig, LoRALinear, apply_lora, load_lora, lora_modules, merge_lora,
+from gptforge.finetune.lora import (LoRAConfig, LoRALinear, apply_lora, load_lora, lora_modules, merge_lora,
                                  save_lora, trainable_parameters)
+from gptforge.loading import load_model, save
 
 TINY = dict(vocab_size=96, block_size=32, n_layer=2, n_embd=32)
 
@@ -75,7 +76,7 @@ def test_peft_loads_saved_adapter_on_hf_export(family, tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     model = tiny(family)
-    model.save_pretrained(tmp_path / "base")
+    save(tmp_path / "base", model)
     apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=targets(family)))
     randomize_adapters(model)
     save_lora(model, tmp_path / "adapter", base_model=str(tmp_path / "base"))
@@ -94,7 +95,7 @@ def test_peft_loads_saved_adapter_on_hf_export(family, tmp_path):
 
     # And back: an adapter PEFT saved itself loads into gptforge with the same logits.
     peft_model.save_pretrained(tmp_path / "from_peft")
-    again = GPT.from_pretrained(tmp_path / "base")
+    again = load_model(tmp_path / "base")
     load_lora(again, tmp_path / "from_peft")
     with torch.no_grad():
         assert torch.allclose(again(ids), theirs, atol=1e-4)
@@ -104,7 +105,7 @@ def test_peft_adapter_with_separate_qkv_down_projections_loads_exactly(tmp_path)
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     model = tiny("llama")
-    model.save_pretrained(tmp_path / "base")
+    save(tmp_path / "base", model)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
     lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False)
     peft_model = peft.get_peft_model(hf, lora).eval()  # random, distinct A per projection

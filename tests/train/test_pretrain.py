@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from gptforge.config import ConfigError
-from gptforge.model import GPT
 from gptforge.train.metrics import read_metrics
 from gptforge.train.pretrain import load_recipe, model_config, pretrain
+from gptforge.loading import load, load_model
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300))
@@ -61,9 +61,9 @@ def test_pretrain_end_to_end(tmp_path):
     assert [r["step"] for r in evals] == [0, 4, 8, 10]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
     assert evals[-1]["val_ppl"] == pytest.approx(2.718281828 ** evals[-1]["val_loss"], rel=1e-6)
-    model = GPT.from_pretrained(run_dir / "model")
-    assert model.tokenizer is not None and model.tokenizer.decode(model.tokenizer.encode("fox")) == "fox"
-    assert model.config.vocab_size == model.tokenizer.vocab_size
+    model, tokenizer = load(run_dir / "model")
+    assert tokenizer is not None and tokenizer.decode(tokenizer.encode("fox")) == "fox"
+    assert model.config.vocab_size == tokenizer.vocab_size
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 10 and saved["model"]["n_embd"] == 32
     assert json.loads((run_dir / "result.json").read_text())["steps"] == 10
@@ -129,13 +129,13 @@ def test_ddp_and_fsdp_two_processes_match_one_process_with_accumulation(tmp_path
     assert len(loss_1) == 4 and tokens_1 == tokens_2 == [256, 512, 768, 1024]
     assert loss_2 == pytest.approx(loss_1, rel=1e-5)
     assert val_2 == pytest.approx(val_1, rel=1e-5)
-    assert GPT.from_pretrained(tmp_path / "ddp" / "model").config.n_layer == 1
+    assert load_model(tmp_path / "ddp" / "model").config.n_layer == 1
     # FSDP2 shards parameters and optimizer state but computes the same steps.
     loss_3, val_3, _ = curve("fsdp")
     assert loss_3 == pytest.approx(loss_1, rel=1e-5) and val_3 == pytest.approx(val_1, rel=1e-5)
     # The gathered model/ folder holds the trained weights (Adam may amplify float noise in single elements,
     # so compare what the models compute).
     x = torch.arange(32)[None] % 20
-    single_logits = GPT.from_pretrained(tmp_path / "single" / "model")(x)
-    fsdp_logits = GPT.from_pretrained(tmp_path / "fsdp" / "model")(x)
+    single_logits = load_model(tmp_path / "single" / "model")(x)
+    fsdp_logits = load_model(tmp_path / "fsdp" / "model")(x)
     assert torch.allclose(single_logits, fsdp_logits, atol=1e-3)

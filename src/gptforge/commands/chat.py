@@ -11,7 +11,8 @@ import argparse
 import sys
 from typing import Any, Optional
 
-from .generate import add_moderation_argument, add_model_arguments, add_sampling_arguments, load_model, sampling_kwargs
+from .decoding_args import (add_model_arguments, add_moderation_argument, add_sampling_arguments, load_for_decoding,
+                            sampling_kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,13 +48,10 @@ def run(args: argparse.Namespace, stdin: Optional[Any] = None, stdout: Optional[
         import torch
 
         torch.set_num_threads(args.threads)
-    from ..safety import load_moderator
+    from ..safety import load_moderator, moderated_stream
 
     moderator = load_moderator(args.moderation)  # a bad policy file fails before the model loads
-    model = load_model(args)
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise FileNotFoundError(f"--model {args.model}: no tokenizer.json, so chat cannot encode messages")
+    model, tokenizer = load_for_decoding(args, "chat cannot encode messages")
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = stdin.isatty()
@@ -83,17 +81,15 @@ def run(args: argparse.Namespace, stdin: Optional[Any] = None, stdout: Optional[
         messages.append({"role": "user", "content": text})
         messages, ids = fit_history(tokenizer, messages, budget)
         stdout.write("assistant> ")
-        reply = []
-        guard = moderator.stream_guard() if moderator is not None else None
-        for delta in stream(model, ids, tokenizer, truncate_prompt=True, compile=args.compile, **kwargs):
-            if guard is not None:
-                delta = guard.push(delta)
-                if guard.blocked:  # stop before the delta that completed blocked text
-                    stdout.write((" " if reply else "") + moderator.refusal)
-                    reply = [moderator.refusal]
-                    break
-            reply.append(delta)
-            stdout.write(delta)
+        reply: list[str] = []
+        deltas = stream(model, ids, tokenizer, truncate_prompt=True, compile=args.compile, **kwargs)
+        for text, refused in moderated_stream(moderator, deltas):
+            if refused:  # the reply so far is replaced by the refusal in the history
+                stdout.write((" " if reply else "") + text)
+                reply = [text]
+                break
+            reply.append(text)
+            stdout.write(text)
             stdout.flush()
         stdout.write("\n")
         stdout.flush()

@@ -84,10 +84,12 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate, write the JSON report atomically, print a table."""
     _check(args)
-    from ..eval.loading import load_model_and_tokenizer
+    from ..loading import load
 
     output = Path(args.output or "eval_report.json")
-    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load(args.model, device=args.device or "auto", dtype=args.dtype)
+    if tokenizer is None:
+        raise FileNotFoundError(f"--model {args.model}: no tokenizer.json beside the model; evaluation needs it")
     progress = not args.no_progress
     report: dict[str, Any] = {"model": str(args.model), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     started = time.perf_counter()

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..explain import explain, format_table, write_report
-    from ..model import GPT
+    from ..loading import load
 
     if args.file is not None:
         path = Path(args.file)
@@ -36,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
     if args.max_tokens <= 0:
         raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
-    model = GPT.from_pretrained(args.model)
-    if getattr(model, "tokenizer", None) is None:
+    model, tokenizer = load(args.model)
+    if tokenizer is None:
         raise ValueError(f"--model {args.model}: no tokenizer.json in the model directory; explain needs one")
-    explanation = explain(model, text, top_k=args.top_k, attention=not args.no_attention,
+    explanation = explain(model, text, tokenizer, top_k=args.top_k, attention=not args.no_attention,
                           max_tokens=args.max_tokens)
     written = write_report(explanation, args.out)
     if args.json:

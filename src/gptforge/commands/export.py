@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model import GPT
+    from ..loading import load
 
     if args.format not in FORMATS:
         raise ValueError(f"--format: unknown export format {args.format!r}; expected one of {list(FORMATS)}")
@@ -32,9 +32,9 @@ def run(args: argparse.Namespace) -> int:
         outtype = args.dtype or "f32"
         if outtype not in GGUF_TYPES:
             raise ValueError(f"--dtype: GGUF type must be one of {list(GGUF_TYPES)}, got {outtype!r}")
-        model = GPT.from_pretrained(args.model)
+        model, tokenizer = load(args.model)
         gguf_architecture(model.config)
-        path = export_gguf(model, args.out, outtype=outtype)
+        path = export_gguf(model, args.out, tokenizer, outtype=outtype)
         print(f"exported {args.model} -> {path} (GGUF, {gguf_architecture(model.config)}, {outtype})")
         return 0
     return _export_hf(args)
@@ -46,20 +46,19 @@ def _export_hf(args: argparse.Namespace) -> int:
     from ..atomic import atomic_directory
     from ..compress.quantize import dequantize_model
     from ..interop.hf import hf_family
-    from ..model import GPT
+    from ..loading import load, save
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     name = args.dtype or "float32"
     if name not in dtypes:
         raise ValueError(f"--dtype: HF dtype must be one of {list(dtypes)}, got {name!r}")
-    model = GPT.from_pretrained(args.model)
+    model, tokenizer = load(args.model)
     family = hf_family(model.config)
     if family is None:
         raise ValueError(f"--model {args.model}: this architecture has no transformers equivalent "
                          "(e.g. sinusoidal positions, or a structurally pruned GPT-2 whose head_dim != n_embd/n_head)")
-    tokenizer = model.tokenizer
     model = dequantize_model(model, dtypes[name])  # quantized weights are expanded; float models are cast
     with atomic_directory(args.out) as tmp:
-        model.save_pretrained(tmp, tokenizer=tokenizer)
+        save(tmp, model, tokenizer)
     print(f"exported {args.model} -> {args.out} (transformers {family}, {name})")
     return 0

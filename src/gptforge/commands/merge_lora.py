@@ -20,17 +20,21 @@ def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_directory
     from ..finetune.classifier import SequenceClassifier
     from ..finetune.runner import load_finetuned
-    from ..train.lora import lora_modules, merge_lora
+    from ..loading import save
+    from ..finetune.lora import lora_modules, merge_lora
 
     if Path(args.out).resolve() in (Path(args.adapter).resolve(), Path(args.base or args.adapter).resolve()):
         raise ValueError("--out must differ from --adapter and --base")
-    model = load_finetuned(args.adapter, args.base)
+    model, tokenizer = load_finetuned(args.adapter, args.base)
     body = model.body if isinstance(model, SequenceClassifier) else model
     count = len(lora_modules(body))
     if not count:
         raise ValueError(f"--adapter {args.adapter}: no LoRA layers were loaded")
     merge_lora(body)
     with atomic_directory(args.out) as tmp:
-        model.save_pretrained(tmp)  # a classifier writes its body and head; a GPT itself and its tokenizer
+        if isinstance(model, SequenceClassifier):
+            model.save_pretrained(tmp, tokenizer)  # the body as a model folder, plus the head
+        else:
+            save(tmp, model, tokenizer)
     print(f"merged {count} LoRA layers of {args.adapter} into {args.out}")
     return 0

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_directory
     from ..compress.prune import PRUNE_METHODS, calibration_batches, prune_model, sparsity_of, validate_sparsity
-    from ..model import GPT
+    from ..loading import load, save
 
     if args.method not in PRUNE_METHODS:
         raise ValueError(f"--method: unknown pruning method {args.method!r}; expected one of {list(PRUNE_METHODS)}")
@@ -37,15 +37,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--recover-steps needs --calibration FILE (the recovery fine-tune trains on that text)")
     if Path(args.out).resolve() == Path(args.model).resolve():
         raise ValueError("--out must differ from --model (the original model would be overwritten)")
-    model = GPT.from_pretrained(args.model)
+    model, tokenizer = load(args.model)
     calibration, ids = None, None
     if args.calibration:
         path = Path(args.calibration)
         if not path.is_file():
             raise FileNotFoundError(f"--calibration: no such file: {path}")
-        if model.tokenizer is None:
+        if tokenizer is None:
             raise ValueError(f"--model {args.model}: no tokenizer.json; calibration text cannot be tokenized")
-        ids = model.tokenizer.encode(path.read_text(encoding="utf-8"))
+        ids = tokenizer.encode(path.read_text(encoding="utf-8"))
         calibration = calibration_batches(ids, min(args.seq_len, model.config.block_size), args.calibration_samples)
     before = model.num_params()
     pruned = prune_model(model, args.method, args.sparsity, calibration)
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             recover_finetune(pruned, ids, run_dir, steps=args.recover_steps, lr=args.recover_lr,
                              seq_len=args.seq_len)
     with atomic_directory(args.out) as tmp:
-        pruned.save_pretrained(tmp, tokenizer=model.tokenizer)
+        save(tmp, pruned, tokenizer)
     if args.method == "heads":
         c = pruned.config
         print(f"pruned {args.model} -> {args.out}: parameters {before:,} -> {pruned.num_params():,} "

@@ -18,20 +18,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_directory
-    from ..compress.quantize import METHODS, quantization_config, quantize_model, save_quantized, weight_bytes
-    from ..model import GPT
+    from ..compress.quantize import METHODS, quantization_config, quantize_model, weight_bytes
+    from ..loading import load, save
 
     if args.method not in METHODS:
         raise ValueError(f"--method: unknown quantization method {args.method!r}; expected one of {list(METHODS)}")
     quantization_config(args.method, args.group_size, args.dynamic_activations)  # validates before loading
     if Path(args.out).resolve() == Path(args.model).resolve():
         raise ValueError("--out must differ from --model (the float model would be overwritten)")
-    model = GPT.from_pretrained(args.model)
+    model, tokenizer = load(args.model)
     before = weight_bytes(model)
     quantize_model(model, args.method, group_size=args.group_size, dynamic_activations=args.dynamic_activations,
                    include_head=not args.keep_lm_head)
     with atomic_directory(args.out) as tmp:
-        save_quantized(model, tmp)
+        save(tmp, model, tokenizer)
     print(f"quantized {args.model} -> {args.out} ({args.method}): weights {before / 2**20:.1f} MiB -> "
           f"{weight_bytes(model) / 2**20:.1f} MiB")
     return 0

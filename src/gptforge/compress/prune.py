@@ -169,7 +169,6 @@ def structured_prune(model: GPT, sparsity: float, calibration: Optional[Iterable
     pruned.load_state_dict(state, strict=True)
     if new_cfg.tie_embeddings:
         pruned.lm_head.weight = pruned.wte.weight
-    pruned.tokenizer = getattr(model, "tokenizer", None)
     return pruned.eval()
 
 

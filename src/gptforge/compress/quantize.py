@@ -15,13 +15,11 @@ The CPU kernel's packed int4 layout depends on the CPU, so it is rebuilt at load
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
-from ..config import Config
 from ..model import GPT
 
 QUANT_METHOD = "gptforge"
@@ -315,50 +313,48 @@ def quantized_state(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_quantized(model: GPT, path: str | Path, tokenizer: Any = None) -> Path:
-    """Write config.json (with `quantization_config`) + model.safetensors + tokenizer files."""
-    from ..interop.hf import save_pretrained
-
+def quantized_checkpoint(model: GPT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json additions, tensors) that describe a quantized model on disk (see `gptforge.loading.save`)."""
     if not is_quantized(model):
-        raise ValueError("save_quantized: the model holds no quantized linears (call quantize_model first)")
+        raise ValueError("the model holds no quantized linears (call quantize_model first)")
     qconfig = dict(model.quantization_config)
     # Quantized tensors keep gptforge names: `transformers` cannot load this directory, gptforge can.
     extra = {"quantization_config": qconfig, "architectures": ["GPTForgeForCausalLM"], "model_type": "gptforge",
              "torch_dtype": qconfig["compute_dtype"]}
-    return save_pretrained(model, path, tokenizer=tokenizer or getattr(model, "tokenizer", None),
-                           extra_config=extra, state=quantized_state(model))
+    return extra, quantized_state(model)
 
 
-def load_quantized(config: Config, hf: dict[str, Any], tensors: dict[str, torch.Tensor],
-                   dtype: Optional[torch.dtype], device: str | torch.device) -> GPT:
-    """QUANTIZED_LOADERS entry: rebuild a quantized GPT from config.json and its tensors."""
+def load_quantized_into(model: GPT, qconfig: dict[str, Any], tensors: dict[str, torch.Tensor],
+                        dtype: Optional[torch.dtype], source: str) -> GPT:
+    """Swap an empty model's linears for quantized ones and fill them from a checkpoint's tensors."""
     from ..checkpoint import CheckpointError, load_state_into
-    from ..interop.hf import _reinit_buffers
 
-    qconfig = dict(hf["quantization_config"])
+    qconfig = dict(qconfig)
+    config = model.config
     if qconfig.get("bits") not in (4, 8):
-        raise CheckpointError(f"config.json quantization_config: 'bits' must be 4 or 8, got {qconfig.get('bits')!r}")
-    if torch.device(device).type != "cpu":
-        raise CheckpointError(f"quantized models run on the CPU kernels only; got device {device!r}")
+        raise CheckpointError(f"{source}: config.json quantization_config: 'bits' must be 4 or 8, "
+                              f"got {qconfig.get('bits')!r}")
+    method = qconfig.get("quant_method") or qconfig.get("method")
+    if method != QUANT_METHOD:
+        raise CheckpointError(f"{source}: unsupported quantization method {method!r}; supported: {QUANT_METHOD!r}")
+    if model.wte.weight.device.type != "cpu":
+        raise CheckpointError(f"quantized models run on the CPU kernels only; got device {model.wte.weight.device}")
     compute_dtype = dtype or getattr(torch, qconfig.get("compute_dtype", "bfloat16"))
-    with torch.device("meta"):
-        model = GPT(config)
-    model = model.to_empty(device=device)
-    _reinit_buffers(model, config, device)
-    for name in _linear_names(model, bool(qconfig.get("quantize_lm_head", True))):
+    head_quantized = bool(qconfig.get("quantize_lm_head", True))
+    for name in _linear_names(model, head_quantized):
         _set_module(model, name, _quantized_like(model.get_submodule(name), qconfig, compute_dtype))
-    if config.tie_embeddings and not qconfig.get("quantize_lm_head", True):
-        tensors = {**tensors, "lm_head.weight": tensors["wte.weight"]}
     state = dict(tensors)
-    if config.tie_embeddings and qconfig.get("quantize_lm_head", True):
-        model.wte = nn.Module()  # placeholder: replaced by the shared QuantizedEmbedding below
-    load_state_into(model, state, source="quantized checkpoint")
+    if config.tie_embeddings and not head_quantized:
+        state["lm_head.weight"] = state["wte.weight"]
+    if config.tie_embeddings and head_quantized:
+        model.wte = nn.Module()  # placeholder: replaced by the shared QuantizedEmbedding in _finish
+    load_state_into(model, state, source=source)
     for module in model.modules():
         if isinstance(module, Int8Linear):
             module._refresh()
         elif isinstance(module, Int4Linear):
             module.prepare()
-    if config.tie_embeddings and not qconfig.get("quantize_lm_head", True):
+    if config.tie_embeddings and not head_quantized:
         model.lm_head.weight = model.wte.weight
     _finish(model, qconfig, compute_dtype)
     return model
@@ -384,7 +380,6 @@ def dequantize_model(model: GPT, dtype: torch.dtype = torch.float32) -> GPT:
     plain.load_state_dict(state, strict=False)
     if model.config.tie_embeddings:
         plain.lm_head.weight = plain.wte.weight
-    plain.tokenizer = getattr(model, "tokenizer", None)
     return plain.to(dtype).eval()
 
 
@@ -403,6 +398,6 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-__all__ = ["Int8Linear", "Int4Linear", "QuantizedEmbedding", "quantize_model", "save_quantized", "load_quantized",
+__all__ = ["Int8Linear", "Int4Linear", "QuantizedEmbedding", "quantize_model", "quantized_checkpoint", "load_quantized_into",
            "dequantize_model", "quantize_int8", "quantize_int4", "pack_int4", "unpack_int4", "dequantize_int4",
            "is_quantized", "quantization_config", "weight_bytes", "METHODS", "QUANT_METHOD"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..config import ConfigError
 
@@ -58,13 +57,4 @@ def augment_text(text: str, config: AugmentConfig, rng: random.Random) -> str:
     return " ".join(out)
 
 
-def augment_from_dict(data: Optional[dict]) -> AugmentConfig:
-    """An AugmentConfig from a recipe's `augment:` section (unknown keys are an error)."""
-    from ..config import dataclass_from_dict
-
-    config = dataclass_from_dict(AugmentConfig, dict(data or {}), "augment")
-    config.validate()
-    return config
-
-
-__all__ = ["AugmentConfig", "augment_text", "augment_from_dict"]
+__all__ = ["AugmentConfig", "augment_text"]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..errors import DataError
+from .records import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +204,9 @@ class Corpus:
         text = self._read_text(path)
         if text is None:
             return
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorpusError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from exc
-            if not isinstance(record, dict) or self.text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        for lineno, record in iter_jsonl(path, text.splitlines(), error=CorpusError):
+            if self.text_field not in record:
+                keys = sorted(record)
                 raise CorpusError(f"{path}:{lineno}: no text field {self.text_field!r} (found {keys}); "
                                   "set --text-field (data.text_field)")
             value = record[self.text_field]

@@ -7,7 +7,7 @@ Record formats (detected from the first record's keys, or named explicitly):
 - `alpaca`: `{"instruction", "input"?, "output"}`, rendered with the Alpaca prompt; loss on the output.
 - `chat`: `{"messages": [{"role", "content"}, ...]}`, rendered with the model's chat template; loss on the
   assistant turns only.
-- task formats (`gptforge.data.tasks`): classification, sentiment, translation, summarization, qa, code.
+- task formats (`gptforge.data.templates`): classification, sentiment, translation, summarization, qa, code.
 
 Files: JSONL, JSON (a list of records), CSV, Parquet; `hf:NAME[:SPLIT]` loads a Hugging Face dataset
 (online only). Every error names the file, the line (or row) and the field.
@@ -15,11 +15,9 @@ Files: JSONL, JSON (a list of records), CSV, Parquet; `hf:NAME[:SPLIT]` loads a 
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -32,43 +30,8 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task{context}. Write 
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
 
 
-from ..errors import DataError  # noqa: E402  (re-exported: gptforge.data.sft.DataError)
-
-
-@dataclass
-class Record:
-    """One raw example and where it came from (for error messages)."""
-
-    data: dict[str, Any]
-    source: str
-    line: int  # 1-based line (JSONL, CSV with header = line 1) or item/row number (JSON, Parquet, HF)
-
-    def where(self, field: Optional[str] = None) -> str:
-        unit = "line" if self.source.endswith((".jsonl", ".csv")) else "record"
-        return f"{self.source} {unit} {self.line}" + (f" field {field!r}" if field else "")
-
-    def text(self, field: str, *, required: bool = True, allow_empty: bool = False) -> str:
-        """The string value of `field`, or a DataError naming file, line and field."""
-        if field not in self.data or self.data[field] is None:
-            if not required:
-                return ""
-            raise DataError(f"{self.where(field)}: missing (record has {sorted(self.data)})")
-        value = self.data[field]
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and field in ("label", "answer", "target"):
-            value = str(value)
-        if not isinstance(value, str):
-            raise DataError(f"{self.where(field)}: expected a string, got {type(value).__name__} {value!r}"[:300])
-        if not value.strip() and not allow_empty:
-            raise DataError(f"{self.where(field)}: empty string")
-        return value
-
-
-@dataclass
-class Segment:
-    """A piece of rendered text; `train` says whether its tokens are targets of the loss."""
-
-    text: str
-    train: bool
+from .records import DataError, Record, read_records
+from .templates import Segment, detect_task
 
 
 @dataclass
@@ -80,105 +43,10 @@ class Example:
     label: Optional[int] = None  # class index, for the classification-head option
 
 
-# ---- reading files ---------------------------------------------------------------------------------
-
-def read_records(path: str | Path) -> list[Record]:
-    """All records of a JSONL/JSON/CSV/Parquet file (or `hf:NAME[:SPLIT]`), with their line numbers."""
-    spec = str(path)
-    if spec.startswith("hf:"):
-        return _read_hf(spec)
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        records = _read_jsonl(path)
-    elif suffix == ".json":
-        records = _read_json(path)
-    elif suffix == ".csv":
-        records = _read_csv(path)
-    elif suffix == ".parquet":
-        records = _read_parquet(path)
-    else:
-        raise DataError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
-    if not records:
-        raise DataError(f"{path}: no records (empty file)")
-    return records
-
-
-def _read_jsonl(path: Path) -> list[Record]:
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {number}: invalid JSON: {exc.msg}") from exc
-            if not isinstance(data, dict):
-                raise DataError(f"{path} line {number}: expected a JSON object, got {type(data).__name__}")
-            records.append(Record(data, str(path), number))
-    return records
-
-
-def _read_json(path: Path) -> list[Record]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8") or "[]")
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}})")
-    for i, item in enumerate(data, start=1):
-        if not isinstance(item, dict):
-            raise DataError(f"{path} record {i}: expected a JSON object, got {type(item).__name__}")
-    return [Record(item, str(path), i) for i, item in enumerate(data, start=1)]
-
-
-def _read_csv(path: Path) -> list[Record]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        # DictReader.line_num counts physical lines, so quoted multi-line cells keep the right number.
-        return [Record({k: v for k, v in row.items() if k is not None}, str(path), reader.line_num) for row in reader]
-
-
-def _read_parquet(path: Path) -> list[Record]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:  # pragma: no cover - pyarrow comes with `datasets`
-        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises its own error types
-        raise DataError(f"{path}: cannot read Parquet file: {exc}") from exc
-    return [Record(row, str(path), i) for i, row in enumerate(rows, start=1)]
-
-
-def _read_hf(spec: str) -> list[Record]:
-    parts = spec[3:].split(":")
-    name, split = parts[0], parts[1] if len(parts) > 1 else "train"
-    try:
-        import datasets
-    except ImportError as exc:  # pragma: no cover
-        raise DataError(f"{spec}: Hugging Face datasets need `pip install datasets`") from exc
-    try:
-        dataset = datasets.load_dataset(name, split=split)
-    except Exception as exc:  # offline, unknown name, bad split: the library's message says which
-        raise DataError(f"{spec}: cannot load Hugging Face dataset {name!r} split {split!r}: {exc}") from exc
-    records = [Record(dict(row), spec, i) for i, row in enumerate(dataset, start=1)]
-    if not records:
-        raise DataError(f"{spec}: no records")
-    return records
-
-
 # ---- formats ------------------------------------------------------------------------------------------
 
 def detect_format(record: Record) -> str:
     """The format implied by a record's keys (see the module docstring)."""
-    from .tasks import detect_task
-
     keys = set(record.data)
     if "messages" in keys:
         return "chat"

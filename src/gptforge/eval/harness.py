@@ -19,7 +19,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from .loading import load_model_and_tokenizer
+from ..loading import load
 from .scoring import context_length, prefix_token_id, score_continuations
 from .tasks import cut_at_stop
 
@@ -63,11 +63,11 @@ class GPTForgeLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise ValueError("the gptforge LM needs pretrained=DIR (a saved model directory) or a model object")
-            model, tokenizer = load_model_and_tokenizer(pretrained, device=device, dtype=dtype)
-        elif tokenizer is None:
-            tokenizer = getattr(model, "tokenizer", None)
+            model, tokenizer = load(pretrained, device=device or "auto", dtype=dtype)
             if tokenizer is None:
-                raise ValueError("the gptforge LM got a model without a tokenizer; pass tokenizer=")
+                raise ValueError(f"{pretrained}: no tokenizer.json beside the model; evaluation needs the tokenizer")
+        elif tokenizer is None:
+            raise ValueError("the gptforge LM got a model without a tokenizer; pass tokenizer=")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size_per_gpu = _positive_int(batch_size, "batch_size", DEFAULT_BATCH_SIZE)

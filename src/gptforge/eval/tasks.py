@@ -19,15 +19,14 @@ the same command always builds the same prompts.
 
 from __future__ import annotations
 
-import json
 import random
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from tqdm.auto import tqdm
 
+from ..data.records import iter_jsonl
 from ..errors import DataError
 from . import metrics as text_metrics
 from .scoring import encode_pair, score_continuations
@@ -85,18 +84,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file not found: {path}")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskDataError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise TaskDataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append((number, record))
+    records = list(iter_jsonl(path, error=TaskDataError))
     if not records:
         raise TaskDataError(f"{path}: the file has no examples")
     return records
@@ -128,11 +116,6 @@ def _render(template: str, record: dict, where: str) -> str:
         raise TaskDataError(f"{where}: missing field '{exc.args[0]}' (used by the prompt template)") from None
     except (IndexError, ValueError, AttributeError) as exc:
         raise TaskDataError(f"{where}: cannot fill the prompt template {template!r}: {exc}") from None
-
-
-def template_fields(template: str) -> list[str]:
-    """Names of the fields a str.format template reads."""
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def parse_example(record: dict, task_type: str, where: str, *, template: Optional[str] = None,

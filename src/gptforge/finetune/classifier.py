@@ -17,7 +17,9 @@ import torch.nn as nn
 
 from ..atomic import atomic_write_text
 from ..checkpoint import CheckpointError, load_tensors, save_tensors
+from ..loading import load_model, save
 from ..model import GPT
+from ..tokenizer import Tokenizer
 
 HEAD_WEIGHTS_NAME = "classifier.safetensors"
 HEAD_CONFIG_NAME = "classifier.json"
@@ -67,9 +69,9 @@ class SequenceClassifier(nn.Module):
         save_tensors({"weight": self.head.weight, "bias": self.head.bias}, directory / HEAD_WEIGHTS_NAME)
         atomic_write_text(directory / HEAD_CONFIG_NAME, json.dumps({"labels": self.labels}, indent=2))
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """The body as a normal model folder plus the head files."""
-        self.body.save_pretrained(directory)
+    def save_pretrained(self, directory: str | Path, tokenizer: Optional[Tokenizer] = None) -> Path:
+        """The body as a normal model folder (with the tokenizer, when given) plus the head files."""
+        save(directory, self.body, tokenizer)
         self.save_head(directory)
         return Path(directory)
 
@@ -83,7 +85,7 @@ class SequenceClassifier(nn.Module):
         labels = json.loads(config_file.read_text(encoding="utf-8")).get("labels")
         if not isinstance(labels, list) or not labels:
             raise CheckpointError(f"{config_file}: field 'labels' must be a non-empty list")
-        model = cls(GPT.from_pretrained(directory), labels)
+        model = cls(load_model(directory), labels)
         model.load_head(directory)
         return model.eval()
 

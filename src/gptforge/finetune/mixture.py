@@ -17,7 +17,7 @@ import torch
 
 from ..data.augment import AugmentConfig, augment_text
 from ..data.sft import IGNORE_INDEX, Example, Record, Segment, collate, tokenize_segments
-from ..data.tasks import TASK_FIELDS, TARGET_FIELD, TaskTemplate
+from ..data.templates import TASK_FIELDS, TARGET_FIELD, TaskTemplate
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..tokenizer import Tokenizer

@@ -24,8 +24,8 @@ from typing import Any, Optional, Sequence
 from ..config import ConfigError, apply_overrides, dataclass_from_dict, load_yaml
 from ..data.augment import AugmentConfig
 from ..data.sft import BASIC_FORMATS
-from ..data.tasks import TASK_FIELDS
-from ..train.lora import LoRAConfig
+from ..data.templates import TASK_FIELDS
+from .lora import LoRAConfig
 
 _TASK_OVERRIDE = re.compile(r"^tasks\.(\d+)\.(.+=.*)$", re.S)  # --tasks.0.metric=rougeL
 FORMATS = ("auto",) + BASIC_FORMATS + tuple(TASK_FIELDS)

@@ -17,9 +17,11 @@ import torch.nn as nn
 from ..atomic import atomic_write_text
 from ..config import ConfigError
 from ..data.sft import BASIC_FORMATS, DataError, Record, read_records, render_segments, resolve_format
-from ..data.tasks import DEFAULT_METRIC, TaskTemplate, infer_labels
+from ..data.templates import DEFAULT_METRIC, TaskTemplate, infer_labels
+from ..loading import load, load_model, load_tokenizer, save
 from ..model import GPT
-from ..train.lora import apply_lora, load_lora, merge_lora, save_lora, trainable_parameters
+from ..tokenizer import Tokenizer
+from .lora import apply_lora, load_lora, merge_lora, save_lora, trainable_parameters
 from .classifier import SequenceClassifier
 from .evaluate import TaskEvaluator
 from .mixture import MultiTaskSource, TaskData, mixture_probabilities
@@ -109,20 +111,19 @@ def set_dropout(model: GPT, dropout: Optional[float], attn_dropout: Optional[flo
         model.config.attn_dropout = float(attn_dropout)  # read by Attention.forward at each call
 
 
-def _saver(recipe: FinetuneRecipe, tokenizer: Any) -> Optional[Callable[[nn.Module, Path], None]]:
-    """How the loop writes model folders: adapters for LoRA, body + head for classifiers."""
-    if recipe.method == "full":
-        return None  # model.save_pretrained (SequenceClassifier has one too)
-
-    def save(model: nn.Module, directory: Path) -> None:
+def _saver(recipe: FinetuneRecipe, tokenizer: Tokenizer) -> Callable[[nn.Module, Path], None]:
+    """How the loop writes model folders: the full model, or adapters for LoRA; plus the head for classifiers."""
+    def write(model: nn.Module, directory: Path) -> None:
         body = model.body if isinstance(model, SequenceClassifier) else model
-        save_lora(body, directory, base_model=str(recipe.model))
+        if recipe.method == "full":
+            save(directory, body, tokenizer)
+        else:
+            save_lora(body, directory, base_model=str(recipe.model))
+            tokenizer.save(directory)
         if isinstance(model, SequenceClassifier):
             model.save_head(directory)
-        if tokenizer is not None:
-            tokenizer.save(directory)
 
-    return save
+    return write
 
 
 def _restore_best(model: nn.Module, recipe: FinetuneRecipe, best_dir: Path) -> None:
@@ -131,7 +132,7 @@ def _restore_best(model: nn.Module, recipe: FinetuneRecipe, best_dir: Path) -> N
     if recipe.method == "lora":
         load_lora(body, best_dir)
     else:
-        best = GPT.from_pretrained(best_dir)
+        best = load_model(best_dir)
         body.load_state_dict(best.state_dict())
     if isinstance(model, SequenceClassifier):
         model.load_head(best_dir)
@@ -144,8 +145,7 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False) -> FinetuneResult:
     from ..train.loop import train
 
     recipe.validate()
-    body = GPT.from_pretrained(recipe.model)
-    tokenizer = getattr(body, "tokenizer", None)
+    body, tokenizer = load(recipe.model)
     if tokenizer is None:
         raise ConfigError(f"{recipe.model}: the model folder has no tokenizer.json; fine-tuning needs its tokenizer")
     classification = recipe.head == "classification"
@@ -197,9 +197,7 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False) -> FinetuneResult:
     if recipe.merge and recipe.method == "lora":
         merged_dir = out_dir / "merged"
         merge_lora(body)
-        body.save_pretrained(merged_dir, tokenizer=tokenizer)
-        if classification:
-            model.save_head(merged_dir)
+        _saver(dataclasses.replace(recipe, method="full"), tokenizer)(model, merged_dir)
         report["merged_dir"] = str(merged_dir)
     atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2))
     return FinetuneResult(out_dir=out_dir, model_dir=result.model_dir, best_dir=best_dir, merged_dir=merged_dir,
@@ -211,32 +209,30 @@ def _jsonable(recipe: FinetuneRecipe) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(recipe), default=str))
 
 
-def load_finetuned(directory: str | Path, base_model: Optional[str | Path] = None) -> nn.Module:
-    """A fine-tuned model from a run's model/best/merged folder: full model, classifier, or base + adapter."""
-    from ..train.lora import ADAPTER_CONFIG_NAME, read_adapter_config
+def load_finetuned(directory: str | Path,
+                   base_model: Optional[str | Path] = None) -> tuple[nn.Module, Optional[Tokenizer]]:
+    """(model, tokenizer) from a run's model/best/merged folder: full model, classifier, or base + adapter."""
+    from .lora import ADAPTER_CONFIG_NAME, read_adapter_config
 
     directory = Path(directory)
     if (directory / ADAPTER_CONFIG_NAME).is_file():
         base = base_model or read_adapter_config(directory).get("base_model_name_or_path")
         if not base:
             raise ConfigError(f"{directory}: adapter without 'base_model_name_or_path'; pass the base model")
-        model = GPT.from_pretrained(base)
+        model = load_model(base)
         load_lora(model, directory)
-        if (directory / "tokenizer.json").is_file():
-            from ..tokenizer import Tokenizer
-
-            model.tokenizer = Tokenizer.from_file(directory)
+        tokenizer = load_tokenizer(directory) or load_tokenizer(base)
         if (directory / "classifier.json").is_file():
             from .classifier import HEAD_CONFIG_NAME
 
             labels = json.loads((directory / HEAD_CONFIG_NAME).read_text(encoding="utf-8"))["labels"]
             classifier = SequenceClassifier(model, labels)
             classifier.load_head(directory)
-            return classifier.eval()
-        return model.eval()
+            return classifier.eval(), tokenizer
+        return model.eval(), tokenizer
     if (directory / "classifier.json").is_file():
-        return SequenceClassifier.from_pretrained(directory)
-    return GPT.from_pretrained(directory)
+        return SequenceClassifier.from_pretrained(directory), load_tokenizer(directory)
+    return load(directory)
 
 
 __all__ = ["finetune", "FinetuneResult", "build_task", "set_dropout", "load_finetuned"]

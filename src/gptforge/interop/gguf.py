@@ -145,8 +145,8 @@ def _encode_tensor(name: str, tensor: torch.Tensor, outtype: str) -> tuple[np.nd
     return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
 
 
-def export_gguf(model: GPT, path: str | Path, tokenizer: Any = None, outtype: str = "f32") -> Path:
-    """Write `model` (and its tokenizer) as one GGUF file that llama.cpp loads."""
+def export_gguf(model: GPT, path: str | Path, tokenizer: Any, outtype: str = "f32") -> Path:
+    """Write `model` and its tokenizer as one GGUF file that llama.cpp loads."""
     import gguf
 
     if outtype not in GGUF_TYPES:
@@ -157,7 +157,6 @@ def export_gguf(model: GPT, path: str | Path, tokenizer: Any = None, outtype: st
         model = dequantize_model(model)
     c = model.config
     arch = gguf_architecture(c)
-    tokenizer = tokenizer or getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("GGUF export needs the model's tokenizer (tokenizer.json in the model directory)")
     tokens, types, merges = _tokenizer_vocab(tokenizer, c.vocab_size)

@@ -1,5 +1,7 @@
-"""Hugging Face checkpoint format: config.json + safetensors (+ tokenizer.json), read and written
-with `safetensors` and JSON alone. `transformers` is only the test-time peer.
+"""Hugging Face checkpoint format: the mapping of configs and weight names (no file I/O here).
+
+`gptforge.loading` reads and writes the directories (config.json + safetensors + tokenizer files) and
+uses these functions to translate; `transformers` is only the test-time peer.
 
 Supported architectures: GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM.
 A config that none of them can express (e.g. sinusoidal positions) is saved with the architecture
@@ -8,19 +10,12 @@ A config that none of them can express (e.g. sinusoidal positions) is saved with
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-from ..atomic import atomic_write_text
-from ..checkpoint import CheckpointError, load_state_into, load_tensors, save_tensors
-from ..config import Config, ConfigError
-from ..model import GPT
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..tokenizer import Tokenizer
+from ..config import Config
+from ..errors import CheckpointError, ConfigError
 
 SUPPORTED_ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2",
@@ -29,8 +24,6 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
 }
 NATIVE_ARCHITECTURE = "GPTForgeForCausalLM"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 # ---- config mapping -------------------------------------------------------------------------
@@ -251,139 +244,5 @@ def state_to_hf(state: dict[str, torch.Tensor], config: Config, family: str) -> 
     return out
 
 
-# ---- directories ----------------------------------------------------------------------------
-
-def read_hf_config(directory: Path) -> dict[str, Any]:
-    file = directory / "config.json"
-    if not file.is_file():
-        raise CheckpointError(f"{directory}: no config.json (expected a Hugging Face model directory)")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file}: invalid JSON: {exc}") from exc
-
-
-def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a single-file or sharded safetensors checkpoint."""
-    single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
-    if single.is_file():
-        return load_tensors(single)
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index}: invalid index (expected a 'weight_map'): {exc}") from exc
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(load_tensors(directory / shard))
-        missing = sorted(set(weight_map) - set(state))
-        if missing:
-            raise CheckpointError(f"{index}: tensors listed but absent from the shards: {missing[:5]}")
-        return state
-    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
-        raise CheckpointError(f"{directory}: only pickle weights (*.bin/*.pt) found; gptforge loads safetensors only "
-                              "(convert with `transformers` once: model.save_pretrained(dir, safe_serialization=True))")
-    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}")
-
-
-# Loaders for checkpoints whose config.json carries a `quantization_config` (see gptforge.compress).
-# Each takes (config, hf_config_dict, tensors, dtype, device) and returns a model.
-QUANTIZED_LOADERS: dict[str, Callable[..., GPT]] = {}
-
-
-def load_pretrained(path: str | Path, *, dtype: Optional[torch.dtype] = None, device: str | torch.device = "cpu",
-                    load_tokenizer: bool = True) -> GPT:
-    """Load a model directory (ours or Hugging Face's); attaches `model.tokenizer` when present."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"model directory not found: {directory}")
-    hf = read_hf_config(directory)
-    config = config_from_hf(hf, source=str(directory / "config.json"))
-    tensors = read_hf_weights(directory)
-    quant = hf.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method") or quant.get("method")
-        if method not in QUANTIZED_LOADERS:
-            import importlib
-
-            importlib.import_module("gptforge.compress")  # registers the quantized loaders
-        if method not in QUANTIZED_LOADERS:
-            raise CheckpointError(f"{directory}: unsupported quantization method {method!r}; "
-                                  f"supported: {sorted(QUANTIZED_LOADERS)}")
-        model = QUANTIZED_LOADERS[method](config, hf, tensors, dtype, device)
-    else:
-        family = hf_family(config) if NATIVE_ARCHITECTURE not in (hf.get("architectures") or []) else None
-        state = state_from_hf(tensors, config, family) if family else dict(tensors)
-        if config.tie_embeddings:
-            state["lm_head.weight"] = state["wte.weight"]
-        if config.num_params() > 20_000_000:
-            # Big models: skip the random init (seconds of work that the checkpoint overwrites).
-            # Small ones build directly: the first meta-device op costs a 1.5 s one-off import.
-            with torch.device("meta"):
-                model = GPT(config)
-            model = model.to_empty(device=device)
-            _reinit_buffers(model, config, device)
-        else:
-            model = GPT(config).to(device)
-        load_state_into(model, state, source=str(directory))
-        if config.tie_embeddings:
-            model.lm_head.weight = model.wte.weight
-        if dtype is not None:
-            model = model.to(dtype)
-    model.eval()
-    model.tokenizer = None
-    if load_tokenizer and (directory / "tokenizer.json").is_file():
-        from ..tokenizer import Tokenizer
-
-        model.tokenizer = Tokenizer.from_file(directory)
-    return model
-
-
-def _reinit_buffers(model: GPT, config: Config, device: str | torch.device) -> None:
-    """Recompute the non-persistent tables lost by meta-device construction."""
-    from ..model import rope_cache, sinusoidal_table
-
-    if config.pos_embedding == "rope":
-        cos, sin = rope_cache(config, config.block_size, torch.device(device))
-        model.rope_cos, model.rope_sin = cos, sin
-    elif config.pos_embedding == "sinusoidal":
-        model.pos_table = sinusoidal_table(config.block_size, config.n_embd).to(device)
-
-
-def save_pretrained(model: GPT, path: str | Path, tokenizer: Optional["Tokenizer"] = None,
-                    extra_config: Optional[dict[str, Any]] = None,
-                    state: Optional[dict[str, torch.Tensor]] = None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files, generation_config.json)."""
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    hf = config_to_hf(config)
-    if extra_config:
-        hf.update(extra_config)
-    family = hf_family(config)
-    dtypes = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
-    if len(dtypes) == 1:
-        hf["torch_dtype"] = str(next(iter(dtypes))).replace("torch.", "")
-    if state is None:
-        state = {k: v for k, v in model.state_dict().items()}
-        if config.tie_embeddings:
-            state.pop("lm_head.weight", None)
-        state = state_to_hf(state, config, family) if family else state
-    save_tensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_text(directory / "config.json", json.dumps(hf, indent=2))
-    gen = {k: v for k, v in {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-                             "pad_token_id": config.pad_token_id}.items() if v is not None}
-    atomic_write_text(directory / "generation_config.json", json.dumps(gen, indent=2))
-    if tokenizer is not None:
-        tokenizer.save(directory)
-    return directory
-
-
-def is_hf_loadable(directory: str | Path) -> bool:
-    """True when the saved config names an architecture `transformers` knows."""
-    hf = read_hf_config(Path(directory))
-    return bool(set(hf.get("architectures") or []) & set(SUPPORTED_ARCHITECTURES))
-
-
-__all__ = ["load_pretrained", "save_pretrained", "config_from_hf", "config_to_hf", "state_from_hf", "state_to_hf",
-           "hf_family", "SUPPORTED_ARCHITECTURES", "QUANTIZED_LOADERS", "read_hf_weights", "is_hf_loadable"]
+__all__ = ["config_from_hf", "config_to_hf", "state_from_hf", "state_to_hf", "hf_family", "SUPPORTED_ARCHITECTURES",
+           "NATIVE_ARCHITECTURE"]

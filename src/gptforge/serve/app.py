@@ -275,13 +275,11 @@ def _version() -> str:
 def load_model_dir(path: str | Path, dtype: Optional[str] = None) -> ModelLoader:
     """A loader for a saved model directory (config.json + safetensors + tokenizer files)."""
     def loader():
-        import torch
+        from ..generate import prepare_for_decoding
+        from ..loading import load
 
-        from ..model import GPT
-
-        torch_dtype = getattr(torch, dtype) if dtype else None
-        model = GPT.from_pretrained(path, dtype=torch_dtype)
-        return model, getattr(model, "tokenizer", None)
+        model, tokenizer = load(path, dtype=dtype)
+        return prepare_for_decoding(model), tokenizer
 
     return loader
 

@@ -1,6 +1,6 @@
 """Training: the one loop (`loop.train`), schedules, AdamW, distributed wrappers and the pretraining recipe.
 
-Submodules are imported on use, so `gptforge.train.lora` (fine-tuning) loads without pulling in the rest.
+Submodules are imported on use, so importing one does not pull in the rest.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ owns its own source (the source decides which samples a rank sees).
 
 `evaluate(model) -> dict[str, float]` runs on every rank with the bare model in eval mode, under
 `torch.no_grad()` and the training autocast; early stopping watches `cfg.early_stopping_metric`.
-`save_model(model, directory)` writes a model folder (default: `model.save_pretrained(directory)`,
-which also saves `model.tokenizer` when set); LoRA passes a function that saves adapters instead.
+`save_model(model, directory)` writes a model folder (default: `gptforge.loading.save(directory, model)`,
+without a tokenizer; pretraining passes one that adds it, LoRA one that saves adapters instead).
 Only parameters with `requires_grad` are optimized.
 
 The run folder gets:
@@ -26,7 +26,7 @@ The run folder gets:
                            per-rank RNG and data position), config.json; written with
                            `atomic_directory`, so a kill mid-write leaves the previous one intact
     checkpoints/latest     name of the newest complete checkpoint (replaced by atomic rename)
-    model/                 the final model (GPT.from_pretrained loads it); best/ the best by the metric
+    model/                 the final model (gptforge.load loads it); best/ the best by the metric
 
 `resume=True` continues exactly from `checkpoints/latest`: the per-step losses equal those of a run
 that was never interrupted (same world size, same config). Ctrl-C or SIGTERM stops at the next step
@@ -233,9 +233,16 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dt
 
 
 def _default_save_model(model: nn.Module, directory: Path) -> None:
-    if not hasattr(model, "save_pretrained"):
-        raise TypeError(f"{type(model).__name__} has no save_pretrained(); pass save_model= to train()")
-    model.save_pretrained(directory)
+    from ..loading import save
+    from ..model import GPT
+
+    if hasattr(model, "save_pretrained"):  # e.g. a classifier: body and head
+        model.save_pretrained(directory)
+    elif isinstance(model, GPT):
+        save(directory, model)
+    else:
+        raise TypeError(f"{type(model).__name__} is not a GPT and has no save_pretrained(); pass save_model= "
+                        "to train()")
 
 
 def _set_seed(seed: int) -> None:
@@ -466,8 +473,6 @@ def _write_model(bare: nn.Module, directory: Path, save_model: Callable[[nn.Modu
         if info.is_main:
             target = type(bare)(bare.config)
             target.load_state_dict(full)
-            if hasattr(bare, "tokenizer"):
-                target.tokenizer = bare.tokenizer
     if info.is_main:
         with atomic_directory(directory) as tmp:
             save_model(target, tmp)

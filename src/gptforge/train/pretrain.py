@@ -142,7 +142,7 @@ def pretrain(recipe: Recipe | str | Path | dict[str, Any], *, overrides: Sequenc
 
     `recipe`: a Recipe, a YAML path, or a mapping with model/data/train/out_dir sections; `overrides`
     are `section.key=value` strings applied on top. The run folder holds config.yaml, metrics.jsonl,
-    loss_curve.png, checkpoints/, model/ (final, with tokenizer; `GPT.from_pretrained` loads it),
+    loss_curve.png, checkpoints/, model/ (final, with tokenizer; `gptforge.load` loads it),
     best/ (best validation loss) and result.json (steps, losses, best metric, `interrupted`).
     `resume=True` continues exactly from the last checkpoint. Works under `torchrun` (DDP, or FSDP2 with train.parallel=fsdp).
     """
@@ -150,6 +150,7 @@ def pretrain(recipe: Recipe | str | Path | dict[str, Any], *, overrides: Sequenc
 
     from ..atomic import atomic_write_text
     from ..data.loader import TokenWindowLoader, evaluate_split
+    from ..loading import load_model, save
     from ..model import GPT
     from . import distributed as D
     from .loop import train
@@ -179,13 +180,12 @@ def pretrain(recipe: Recipe | str | Path | dict[str, Any], *, overrides: Sequenc
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
         init_from = recipe.model.get("init_from")
         if init_from:
-            model = GPT.from_pretrained(init_from)
+            model = load_model(init_from)
             if model.config.vocab_size < tokenizer.vocab_size:
                 raise ConfigError(f"model.init_from {init_from}: vocab_size {model.config.vocab_size} is smaller "
                                   f"than the corpus tokenizer's ({tokenizer.vocab_size})")
         else:
             model = GPT(model_config(recipe, tokenizer.vocab_size))
-        model.tokenizer = tokenizer
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             resolved = recipe.to_dict()
@@ -204,7 +204,8 @@ def pretrain(recipe: Recipe | str | Path | dict[str, Any], *, overrides: Sequenc
         if evaluate is None and info.is_main:
             log.warning("no validation split (data.val_fraction=%s): no val_loss, early stopping or best/",
                         d.val_fraction)
-        result = train(model, cfg, loader, run_dir, evaluate=evaluate, resume=resume, run_config=recipe.to_dict())
+        result = train(model, cfg, loader, run_dir, evaluate=evaluate, resume=resume, run_config=recipe.to_dict(),
+                       save_model=lambda m, directory: save(directory, m, tokenizer))
         if info.is_main:
             summary = {"steps": result.steps, "tokens": result.tokens, "last_loss": result.last_loss,
                        "metrics": result.metrics, "best_metric": result.best_metric, "best_step": result.best_step,

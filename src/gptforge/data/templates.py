@@ -18,7 +18,15 @@ import string
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .sft import DataError, Record, Segment
+from .records import DataError, Record
+
+@dataclass
+class Segment:
+    """A piece of rendered text; `train` says whether its tokens are targets of the loss."""
+
+    text: str
+    train: bool
+
 
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "classification": ("text", "label"),
