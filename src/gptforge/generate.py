@@ -17,8 +17,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .sampling import (IncrementalDetokenizer, SamplingParams, StopStringMatcher, make_generator, process_logits,
-                       sample_next_token)
+from .emitter import SequenceEmitter
+from .sampling import (SamplingParams, StopStringMatcher, make_generator, process_logits, sample_next_token,
+                       token_logprobs)
 
 Prompt = Union[str, Sequence[int]]
 Prompts = Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]]]
@@ -101,11 +102,6 @@ def _default_eos(params: SamplingParams, tokenizer: Any, model: torch.nn.Module)
         return list(tokenizer.stop_token_ids())
     eos = getattr(model.config, "eos_token_id", None)
     return [eos] if isinstance(eos, int) else list(eos or [])
-
-
-def _top_alternatives(logp: torch.Tensor, k: int) -> list[dict[int, float]]:
-    values, indices = logp.topk(k, dim=-1)
-    return [dict(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
 
 
 # ---- cache handling ------------------------------------------------------------------------------
@@ -270,10 +266,10 @@ def stream(model: torch.nn.Module, prompt: Prompt, tokenizer: Any = None, *,
     try:
         with torch.inference_mode():
             for _ in run.steps():
-                delta = run.rows[0].pop_delta()
+                delta = run.pop_delta(0)
                 if delta:
                     yield delta
-        tail = run.rows[0].pop_delta()
+        tail = run.pop_delta(0)
         if tail:
             yield tail
     finally:
@@ -308,14 +304,13 @@ def _score(model: torch.nn.Module, seqs: list[list[int]], top_k: int,
             width = max(len(s) for s in chunk)
             # Right padding: causal attention keeps every real token blind to the padding after it.
             ids = torch.tensor([s + [0] * (width - len(s)) for s in chunk], device=device)
-            logp = model(ids).float().log_softmax(-1)  # (B, T, V)
-            targets = ids[:, 1:]
-            picked = logp[:, :-1].gather(-1, targets[..., None])[..., 0]  # (B, T-1)
+            logits = model(ids)  # (B, T, V)
             for row, seq in enumerate(chunk):
                 n = len(seq)
-                all_scores.append([None] + picked[row, :n - 1].tolist())
+                chosen, tops = token_logprobs(logits[row, :n - 1], ids[row, 1:n], top_k)
+                all_scores.append([None] + chosen)
                 if top_k:
-                    all_tops.append([None] + _top_alternatives(logp[row, :n - 1], top_k))
+                    all_tops.append([None] + [dict(t) for t in tops])
     finally:
         model.train(was_training)
     return all_scores, all_tops
@@ -332,64 +327,25 @@ def _attach_prompt_logprobs(model: torch.nn.Module, outputs: list[GenerationOutp
 
 # ---- sampling / greedy decoding ------------------------------------------------------------------
 
-class _Row:
-    """Decoding state of one output sequence."""
-
-    def __init__(self, index: int, prompt: list[int], params: SamplingParams, tokenizer: Any,
-                 skip_special_tokens: bool, want_text: bool) -> None:
-        self.index, self.prompt, self.params = index, prompt, params
-        self.tokens: list[int] = []
-        self.logprobs: list[float] = []
-        self.top_logprobs: list[dict[int, float]] = []
-        self.finish_reason: Optional[str] = None
-        self.stop_reason: Optional[Union[str, int]] = None
-        self.detok = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens) if want_text else None
-        self.matcher = StopStringMatcher(params.stop_strings) if want_text else None
-        self.shown = ""  # text cleared by the stop matcher
-        self.read = 0  # how much of `shown` a streaming consumer has taken
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def add_text(self, delta: str) -> None:
-        safe, stopped = self.matcher.push(delta)
-        self.shown += safe
-        if stopped:
-            self.finish("stop", self.matcher.stop_string)
-
-    def finish(self, reason: str, stop_reason: Optional[Union[str, int]] = None) -> None:
-        if self.done:
-            return
-        if self.detok is not None and not self.matcher.stopped:
-            # Ended for another reason: release the held-back text (which may itself complete a stop string).
-            safe, stopped = self.matcher.push(self.detok.flush())
-            self.shown += safe
-            if stopped:
-                reason, stop_reason = "stop", self.matcher.stop_string
-            else:
-                self.shown += self.matcher.flush()
-        self.finish_reason, self.stop_reason = reason, stop_reason
-
-    def pop_delta(self) -> str:
-        delta = self.shown[self.read:]
-        self.read = len(self.shown)
-        return delta
-
-
 class _SamplingRun:
-    """Greedy or sampled decoding of a batch of prompts (each repeated num_return_sequences times)."""
+    """Greedy or sampled decoding of a batch of prompts (each repeated num_return_sequences times).
+
+    Each output row is a `SequenceEmitter` (gptforge.emitter), the same per-sequence rules the server uses.
+    """
 
     def __init__(self, model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, tokenizer: Any,
                  skip_special_tokens: bool, want_deltas: bool = False, compile: bool = False) -> None:
         self.model, self.prompts, self.params, self.tokenizer = model, prompts, params, tokenizer
         self.compile = compile
-        self.skip_special_tokens = skip_special_tokens
-        self.eos = set(_default_eos(params, tokenizer, model))
-        want_text = want_deltas or bool(params.stop_strings)
+        eos = _default_eos(params, tokenizer, model)
+        self.pad_id = eos[0] if eos else 0
         n = params.num_return_sequences
-        self.rows = [_Row(i, p, params, tokenizer, skip_special_tokens, want_text) for i, p in enumerate(prompts)
-                     for _ in range(n)]
+        self.index = [i for i in range(len(prompts)) for _ in range(n)]
+        self.rows = [SequenceEmitter(tokenizer, prompts[i], max_tokens=params.max_new_tokens,
+                                     stop_strings=params.stop_strings, stop_token_ids=eos,
+                                     min_tokens=params.min_new_tokens, skip_special_tokens=skip_special_tokens,
+                                     want_text=want_deltas) for i in self.index]
+        self.read = [0] * len(self.rows)  # how much of each row's text a streaming consumer has taken
         # One generator per row: seed, seed+1, ... for a prompt's sequences, so a prompt samples the same
         # tokens whether it runs alone or in a batch. Without a seed the global RNG seeds them.
         self.generators: list[Optional[torch.Generator]] = []
@@ -399,66 +355,67 @@ class _SamplingRun:
                 seed = params.seed + j if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
                 self.generators.append(make_generator(seed, device) if not params.greedy else None)
 
+    def pop_delta(self, row: int) -> str:
+        """Text of `row` emitted since the last call."""
+        text = self.rows[row].text
+        delta, self.read[row] = text[self.read[row]:], len(text)
+        return delta
+
+    def _prefill(self, batch: "_Batch", caches: list[Any], key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Run each distinct prompt once, then fan its cache row out to its num_return_sequences rows."""
+        model, n_seq, device = self.model, self.params.num_return_sequences, batch.device
+        n_prompts = len(self.prompts)
+        slots = torch.arange(batch.width, device=device)
+        logits = model(batch.input_ids, batch.positions(slots), cache_slots=slots,
+                       cache_rows=torch.arange(n_prompts, device=device) if n_seq > 1 else None,
+                       key_mask=key_mask[:n_prompts] if key_mask is not None else None, last_only=True)[:, -1]
+        if n_seq > 1:
+            fan_out = torch.arange(n_prompts, device=device).repeat_interleave(n_seq)
+            _copy_cache_rows(caches, fan_out, batch.width)
+            logits = logits[fan_out]
+        return logits
+
+    def _sample(self, logits: torch.Tensor) -> None:
+        """Pick each row's next token from `logits` (B, V) and push it through the row's emitter."""
+        params, rows = self.params, self.rows
+        processed = process_logits(logits.float(), [params] * len(rows), [r.tokens for r in rows],
+                                   prompts=[self.prompts[i] for i in self.index])
+        tokens = sample_next_token(processed, [params] * len(rows), self.generators)
+        chosen: list[Optional[float]] = [None] * len(rows)
+        tops: Optional[list[Any]] = None
+        if params.logprobs or params.top_logprobs:
+            chosen, tops = token_logprobs(logits, tokens, params.top_logprobs)
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            row.push(token, chosen[i], tops[i] if tops is not None else None)
+
     def steps(self) -> Iterator[int]:
         """Run the decode loop, yielding after each step (so `stream` can forward deltas)."""
         model, params, rows = self.model, self.params, self.rows
         device = next(model.parameters()).device
-        n_seq = params.num_return_sequences
-        pad_id = next(iter(self.eos), 0) if self.eos else 0
-        batch = _Batch(self.prompts, device, pad_id)
-        width = batch.width
-        block = model.config.block_size
+        batch = _Batch(self.prompts, device, self.pad_id)
+        width, block = batch.width, model.config.block_size
         cache_len = min(width + params.max_new_tokens, block)
         step_fn = decode_step(model, self.compile)
         # Eager attention reads only the filled slots; a compiled step keeps one shape for the whole run.
         fixed_len = _compiled_cache_len(cache_len, block) if self.compile else None
-        want_logprobs = params.logprobs or params.top_logprobs > 0
         with _BorrowedCache(model, len(rows), fixed_len or cache_len) as caches:
-            slots = torch.arange(width, device=device)
             key_mask = batch.key_mask(fixed_len or cache_len)
-            n_prompts = len(self.prompts)
-            # Prefill each distinct prompt once, then fan its cache row out to its num_return_sequences rows.
-            logits = model(batch.input_ids, batch.positions(slots), cache_slots=slots,
-                           cache_rows=torch.arange(n_prompts, device=device) if n_seq > 1 else None,
-                           key_mask=key_mask[:n_prompts] if key_mask is not None else None, last_only=True)[:, -1]
-            if n_seq > 1:
-                fan_out = torch.arange(n_prompts, device=device).repeat_interleave(n_seq)
-                _copy_cache_rows(caches, fan_out, width)
-                logits = logits[fan_out]
+            logits = self._prefill(batch, caches, key_mask)
+            n_seq = params.num_return_sequences
             pads = batch.pads.repeat_interleave(n_seq) if batch.padded else None
             if key_mask is not None and n_seq > 1:
                 key_mask = key_mask.repeat_interleave(n_seq, dim=0)
-            row_prompts = [r.prompt for r in rows]
             for step in range(params.max_new_tokens):
-                generated = [r.tokens for r in rows]
-                processed = process_logits(logits.float(), [params] * len(rows), generated, prompts=row_prompts)
-                tokens = sample_next_token(processed, [params] * len(rows), self.generators).tolist()
-                if want_logprobs:
-                    logp = logits.float().log_softmax(-1)
-                    chosen = logp.gather(-1, torch.tensor(tokens, device=device)[:, None])[:, 0].tolist()
-                    tops = _top_alternatives(logp, params.top_logprobs) if params.top_logprobs else None
-                for i, (row, token) in enumerate(zip(rows, tokens)):
-                    if row.done:
-                        continue
-                    if token in self.eos and step >= params.min_new_tokens:
-                        row.finish("stop", token)
-                        continue
-                    row.tokens.append(token)
-                    if want_logprobs:
-                        row.logprobs.append(chosen[i])
-                        if tops is not None:
-                            row.top_logprobs.append(tops[i])
-                    if row.detok is not None:
-                        row.add_text(row.detok.push(token))
+                self._sample(logits)
                 slot = width + step
-                if slot >= cache_len or step + 1 >= params.max_new_tokens:
+                if slot >= block:  # the context is full: the new token has no slot to be fed into
                     for row in rows:
                         row.finish("length")
-                if all(r.done for r in rows):
-                    yield step
-                    break
                 yield step
-                next_ids = torch.tensor([r.tokens[-1] if r.tokens else pad_id for r in rows], device=device)[:, None]
+                if all(r.done for r in rows):
+                    break
+                next_ids = torch.tensor([r.tokens[-1] if r.tokens else self.pad_id for r in rows],
+                                        device=device)[:, None]
                 slot_t = torch.tensor([slot], device=device)
                 positions = (slot_t[None, :] - pads[:, None]) if pads is not None else None
                 logits = step_fn(next_ids, positions, slot_t, key_mask, fixed_len or slot + 1)
@@ -466,22 +423,16 @@ class _SamplingRun:
     def run(self) -> Iterator[GenerationOutput]:
         for _ in self.steps():
             pass
-        for row in self.rows:
-            yield self._output(row)
+        for index, row in zip(self.index, self.rows):
+            yield self._output(index, row)
 
-    def _output(self, row: _Row) -> GenerationOutput:
+    def _output(self, index: int, row: SequenceEmitter) -> GenerationOutput:
         params = self.params
-        if row.detok is not None:
-            text = row.shown
-        elif self.tokenizer is not None:
-            text = self.tokenizer.decode(row.tokens, skip_special_tokens=self.skip_special_tokens)
-        else:
-            text = ""
         want = params.logprobs or params.top_logprobs > 0
-        return GenerationOutput(index=row.index, text=text, token_ids=row.tokens, finish_reason=row.finish_reason,
-                                prompt_token_ids=row.prompt, stop_reason=row.stop_reason,
-                                logprobs=row.logprobs if want else None,
-                                top_logprobs=row.top_logprobs if params.top_logprobs else None)
+        return GenerationOutput(index=index, text=row.final_text(), token_ids=row.tokens,
+                                finish_reason=row.finish_reason or "length", prompt_token_ids=row.prompt_ids,
+                                stop_reason=row.stop_reason, logprobs=row.logprobs if want else None,
+                                top_logprobs=[dict(t) for t in row.top_logprobs] if params.top_logprobs else None)
 
 
 # ---- beam search -------------------------------------------------------------------------------

@@ -99,9 +99,23 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               rows: Optional[torch.Tensor], kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v (B, Hkv, T, D) at `slots` ((T,) or (B, T)); return keys/values [:kv_len] of the rows."""
+               rows: Optional[torch.Tensor | slice], kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, Hkv, T, D) at `slots` ((T,) or (B, T)); return keys/values [:kv_len] of the rows.
+
+        `rows`: None (all rows), a slice of rows (a view: nothing is copied, the serving engine keeps its
+        running sequences in rows [0, n)), or a tensor of row indices (gathered, a copy).
+        """
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if isinstance(rows, slice):
+            cache_k, cache_v = self.k[rows], self.v[rows]  # (B, Hkv, S, D) views
+            if slots.dim() == 1:
+                cache_k.index_copy_(2, slots, k)
+                cache_v.index_copy_(2, slots, v)
+            else:
+                idx = slots[:, None, :, None].expand(k.shape)
+                cache_k.scatter_(2, idx, k)
+                cache_v.scatter_(2, idx, v)
+            return cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]
         if rows is None and slots.dim() == 1:
             self.k.index_copy_(2, slots, k)
             self.v.index_copy_(2, slots, v)
@@ -277,14 +291,15 @@ class GPT(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None, *,
-                cache_slots: Optional[torch.Tensor] = None, cache_rows: Optional[torch.Tensor] = None,
+                cache_slots: Optional[torch.Tensor] = None, cache_rows: Optional[torch.Tensor | slice] = None,
                 key_mask: Optional[torch.Tensor] = None, kv_len: Optional[int] = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with `last_only`.
 
         Without a cache: causal attention over `input_ids`; `key_mask` (B, T) marks real tokens
         (False for padding). With a cache (see `setup_cache`): K/V are written at `cache_slots`
-        ((T,) or (B, T)) of cache rows `cache_rows` (default: all rows, B == cache batch), and each
+        ((T,) or (B, T)) of cache rows `cache_rows` (default: all rows, B == cache batch; a slice of rows
+        or a tensor of row indices), and each
         query attends to the slots <= its own that `key_mask` (B, S) marks as real. `positions`
         default to the slots and drive the position encoding.
         """

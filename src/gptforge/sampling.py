@@ -8,13 +8,18 @@ applies its logits processors; `sample_next_token` draws (or argmaxes) the next 
 
 from __future__ import annotations
 
+import codecs
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from .errors import ParameterError
+
 FILTERED = float("-inf")  # value of a logit that may not be chosen
+# Temperatures below this are greedy: dividing logits by ~0 overflows to inf/NaN (vLLM uses the same bound).
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -53,14 +58,14 @@ class SamplingParams:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f"unknown generation parameter(s): {', '.join(unknown)} "
+            raise ParameterError(unknown[0], f"unknown generation parameter(s): {', '.join(unknown)} "
                              f"(known: {', '.join(sorted(known))})")
         return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
     @property
     def greedy(self) -> bool:
         """True when the next token is the argmax (no sampling)."""
-        return not self.do_sample or self.temperature == 0.0
+        return not self.do_sample or self.temperature < GREEDY_TEMPERATURE
 
     @property
     def stop_strings(self) -> list[str]:
@@ -92,7 +97,8 @@ class SamplingParams:
         """Raise ValueError naming the first invalid parameter; return self."""
         def need(ok: bool, name: str, expected: str) -> None:
             if not ok:
-                raise ValueError(f"invalid generation parameter {name}={getattr(self, name)!r}: expected {expected}")
+                raise ParameterError(name, f"invalid generation parameter {name}={getattr(self, name)!r}: "
+                                     f"expected {expected}")
 
         def is_int(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
@@ -123,7 +129,8 @@ class SamplingParams:
                 try:
                     token = int(key)
                 except (TypeError, ValueError):
-                    raise ValueError(f"invalid generation parameter logit_bias: key {key!r} is not a token id")
+                    raise ParameterError("logit_bias", f"invalid generation parameter logit_bias: key {key!r} is "
+                                         "not a token id") from None
                 need(token >= 0, "logit_bias", "token ids >= 0")
                 need(is_num(value) and -100 <= value <= 100, "logit_bias", "biases in [-100, 100]")
                 clean[token] = float(value)
@@ -279,18 +286,39 @@ def sample_next_token(logits: torch.Tensor, params: Sequence[SamplingParams],
     """Next token per row (B,): argmax for greedy rows, a draw from softmax(logits) for sampling rows.
 
     `logits` should already have gone through `process_logits`; `generators[i]` (optional) makes row i
-    reproducible independently of the other rows.
+    reproducible independently of the other rows. A row whose distribution is not finite (overflowing
+    penalties and biases) falls back to its argmax instead of failing the whole batch.
     """
+    logits = torch.nan_to_num(logits.float(), nan=FILTERED)
     tokens = logits.argmax(dim=-1)
-    if all(p.greedy for p in params):
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
         return tokens
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        probs = logits[i].float().softmax(-1)
-        generator = generators[i] if generators is not None else None
-        tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
+    probs = logits[rows].softmax(-1)
+    ok = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
+    shared = [j for j, i in enumerate(rows) if bool(ok[j]) and (generators is None or generators[i] is None)]
+    if shared:  # rows on the global RNG: one draw for all of them
+        drawn = torch.multinomial(probs[shared], 1)[:, 0]
+        tokens[[rows[j] for j in shared]] = drawn
+    for j, i in enumerate(rows):
+        if bool(ok[j]) and generators is not None and generators[i] is not None:
+            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   top_k: int = 0) -> tuple[list[float], Optional[list[list[tuple[int, float]]]]]:
+    """log p of `tokens` (N,) under `logits` (N, V) and, with `top_k`, the k most likely (id, log p) per row.
+
+    The one log-prob computation behind `generate`'s logprobs, prompt log-probs and the server's.
+    """
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(-1, tokens.to(logp.device).long()[:, None])[:, 0].tolist()
+    if not top_k:
+        return chosen, None
+    values, indices = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+    tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    return chosen, tops
 
 
 # ---- text --------------------------------------------------------------------------------------
@@ -301,10 +329,17 @@ class StopStringMatcher:
     `push(delta)` returns `(text_safe_to_emit, stopped)`. Text that could be the start of a stop string
     is held back until it is resolved; `flush()` releases it when generation ends for another reason.
     After a stop, `stop_string` holds the string that matched and the stop string itself is never emitted.
+
+    The cost of a push depends on the length of the delta and of the longest stop string, not on how
+    many stop strings there are: stops are looked up in a set, once per distinct length, at each new
+    end position; held-back prefixes are looked up the same way.
     """
 
     def __init__(self, stop: Optional[Sequence[str]]) -> None:
-        self.stops = [s for s in (stop or []) if s]
+        self.stops = frozenset(s for s in (stop or []) if s)
+        self.lengths = sorted({len(s) for s in self.stops}, reverse=True)  # longest first: ties go to it
+        self.prefixes = frozenset(s[:n] for s in self.stops for n in range(1, len(s)))
+        self.longest = max(self.lengths, default=0)
         self.pending = ""
         self.stop_string: Optional[str] = None
 
@@ -319,22 +354,24 @@ class StopStringMatcher:
         if not self.stops:
             return delta, False
         text = self.pending + delta
-        # The earliest occurrence of any stop string wins; ties go to the longest string.
-        best: Optional[tuple[int, int, str]] = None
-        for s in self.stops:
-            at = text.find(s)
-            if at >= 0 and (best is None or (at, -len(s)) < (best[0], best[1])):
-                best = (at, -len(s), s)
+        # Only end positions inside the new text can complete a stop: earlier ones were checked before.
+        best: Optional[tuple[int, int]] = None  # (start, -length): the earliest start wins, then the longest
+        for end in range(len(self.pending) + 1, len(text) + 1):
+            for n in self.lengths:
+                if n <= end and text[end - n:end] in self.stops and (best is None or (end - n, -n) < best):
+                    best = (end - n, -n)
+            if best is not None and best[0] + self.longest <= end:
+                break  # no later end can start earlier than the match found
         if best is not None:
-            self.stop_string = best[2]
+            start, n = best[0], -best[1]
+            self.stop_string = text[start:start + n]
             self.pending = ""
-            return text[:best[0]], True
+            return text[:start], True
         hold = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
+        for n in range(min(self.longest - 1, len(text)), 0, -1):
+            if text[len(text) - n:] in self.prefixes:
+                hold = n
+                break
         self.pending = text[len(text) - hold:] if hold else ""
         return text[:len(text) - hold], False
 
@@ -354,9 +391,10 @@ def truncate_at_stop(text: str, stop: Optional[Sequence[str]]) -> tuple[str, Opt
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas that never split a multi-byte character.
 
-    Each step decodes a short window of earlier tokens plus the new ones, so tokenizers whose decoding
-    depends on context (SentencePiece's leading space, byte-level BPE's partial UTF-8) come out right;
-    text ending in U+FFFD (an incomplete character) is held until the next token completes it.
+    Byte-level BPE tokenizers (`tokenizer.token_bytes()` is not None) decode token by token: each token's
+    bytes go through an incremental UTF-8 decoder, which holds an incomplete character until the next
+    bytes complete it, so a step costs O(1). Other tokenizers (SentencePiece's leading space, character
+    level) re-decode a short window of earlier tokens plus the new one and hold text ending in U+FFFD.
     """
 
     CONTEXT_TOKENS = 6
@@ -365,16 +403,30 @@ class IncrementalDetokenizer:
                  skip_special_tokens: bool = False) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.text = ""
+        table = tokenizer.token_bytes() if hasattr(tokenizer, "token_bytes") else None
+        if table is not None:
+            self._table = table
+            self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()
+            self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            return
+        self._table = None
         self.ids: list[int] = list(prompt_ids or [])[-self.CONTEXT_TOKENS:]
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        self.text = ""
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly complete text (possibly empty)."""
+        if self._table is not None:
+            piece = self._table[token_id] if 0 <= token_id < len(self._table) else None
+            if piece is None or token_id in self._skip:
+                return ""
+            delta = self._utf8.decode(piece)
+            self.text += delta
+            return delta
         self.ids.append(int(token_id))
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full_text = self._decode(self.ids[self.prefix_offset:])
@@ -394,6 +446,10 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Text still held at the end (e.g. a genuinely incomplete byte sequence, shown as U+FFFD)."""
+        if self._table is not None:
+            delta = self._utf8.decode(b"", final=True)
+            self.text += delta
+            return delta
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full_text = self._decode(self.ids[self.prefix_offset:])
         delta = full_text[len(prefix_text):] if len(full_text) > len(prefix_text) else ""
@@ -402,5 +458,5 @@ class IncrementalDetokenizer:
         return delta
 
 
-__all__ = ["SamplingParams", "process_logits", "sample_next_token", "make_generator", "StopStringMatcher",
-           "IncrementalDetokenizer", "truncate_at_stop", "FILTERED"]
+__all__ = ["SamplingParams", "process_logits", "sample_next_token", "make_generator", "token_logprobs", "StopStringMatcher",
+           "IncrementalDetokenizer", "truncate_at_stop", "FILTERED", "GREEDY_TEMPERATURE"]

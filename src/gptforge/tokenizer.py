@@ -99,6 +99,42 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> Optional[str]:
         return self.backend.id_to_token(token_id)
 
+    # ---- bytes of tokens --------------------------------------------------------------------
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the added special tokens (EOS, chat markers, ...), which `skip_special_tokens` drops."""
+        if not hasattr(self, "_special_ids"):
+            self._special_ids = frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+        return self._special_ids
+
+    @property
+    def byte_level(self) -> bool:
+        """True when decoding maps each token to fixed bytes (byte-level BPE: GPT-2, Llama 3, Qwen, ours)."""
+        return isinstance(self.backend.decoder, decoders.ByteLevel)
+
+    def token_bytes(self) -> Optional[list[Optional[bytes]]]:
+        """The UTF-8 bytes each id decodes to (added tokens: their content), or None unless `byte_level`.
+
+        Decoding a byte-level sequence is concatenating these bytes and reading them as UTF-8, which lets
+        streaming decode token by token in O(1) instead of re-decoding a window through the backend.
+        """
+        if not self.byte_level:
+            return None
+        if not hasattr(self, "_token_bytes"):
+            to_byte = {c: b for b, c in bytes_to_unicode().items()}
+            added = self.backend.get_added_tokens_decoder()
+            table: list[Optional[bytes]] = []
+            for i in range(self.vocab_size):
+                piece = self.backend.id_to_token(i)
+                if piece is None:
+                    table.append(None)
+                elif i in added or not all(c in to_byte for c in piece):
+                    table.append(piece.encode("utf-8"))
+                else:
+                    table.append(bytes(to_byte[c] for c in piece))
+            self._token_bytes = table
+        return self._token_bytes
+
     def __len__(self) -> int:
         return self.vocab_size
 
@@ -202,6 +238,20 @@ class Tokenizer:
             settings["chat_template"] = self.chat_template
         atomic_write_text(directory / "tokenizer_config.json", json.dumps(settings, indent=2))
         return directory
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
 
 
 def _token_str(value: Any) -> Optional[str]:

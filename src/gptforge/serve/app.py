@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers, MutableHeaders
 
+from ..errors import GptforgeError
 from ..safety import load_moderator
 from .auth import APIKeyChecker, key_from_headers
 from .errors import APIError, install_error_handlers
@@ -62,9 +63,20 @@ class ServerState:
         self.moderator = load_moderator(options.moderation, registry=self.metrics.registry)
         self.static_dir = STATIC_DIR
         self.engine = None
-        self.serving = None
+        self.endpoints: Optional[Endpoints] = None
         self.load_error: Optional[BaseException] = None
         self.ready = threading.Event()
+        # Called when loading fails; `run_server` makes it stop the server, so the process exits non-zero.
+        self.on_load_failure: Optional[Callable[[BaseException], None]] = None
+
+
+@dataclass
+class Endpoints:
+    """One serving object per group of routes (all share the engine)."""
+
+    completions: Any
+    chat: Any
+    tokenization: Any
 
 
 class JSONLogFormatter(logging.Formatter):
@@ -83,7 +95,12 @@ class JSONLogFormatter(logging.Formatter):
             data["exception"] = self.formatException(record.exc_info)
         if self.redact:
             data = {k: mask_pii(v) if isinstance(v, str) else v for k, v in data.items()}
-        return json.dumps(data, ensure_ascii=False)
+        line = json.dumps(data, ensure_ascii=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a client: escape it rather than lose the line
+            line = json.dumps(data, ensure_ascii=True)
+        return line
 
 
 def configure_logging(options: ServerOptions, stream=None) -> None:
@@ -217,7 +234,9 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
 
     def load() -> None:
         from .engine import Engine
-        from .serving import OpenAIServing
+        from .serving_chat import ChatServing
+        from .serving_completions import CompletionServing
+        from .serving_tokenize import TokenizeServing
 
         try:
             model, tokenizer = loader()
@@ -226,15 +245,20 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
             engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
                             request_timeout=options.request_timeout, metrics=state.metrics)
             state.engine = engine
-            state.serving = OpenAIServing(engine, tokenizer, options.model_name,
-                                          redact_content=options.redact_pii == "content",
-                                          rate_limiter=state.rate_limiter, moderator=state.moderator)
+            common = dict(redact_content=options.redact_pii == "content", rate_limiter=state.rate_limiter,
+                          moderator=state.moderator)
+            state.endpoints = Endpoints(
+                completions=CompletionServing(engine, tokenizer, options.model_name, **common),
+                chat=ChatServing(engine, tokenizer, options.model_name, **common),
+                tokenization=TokenizeServing(engine, tokenizer, options.model_name, **common))
             log.info("model %s ready", options.model_name,
                      extra={"fields": {"params": model.num_params(), "block_size": engine.block_size,
                                        "max_batch": options.max_batch}})
-        except BaseException as exc:  # reported by /health and the log; the process keeps answering 503
+        except BaseException as exc:  # reported by /health and the log; `gptforge serve` then exits non-zero
             state.load_error = exc
-            log.exception("model failed to load")
+            log.error("model failed to load: %s", exc, exc_info=not isinstance(exc, GptforgeError))
+            if state.on_load_failure is not None:
+                state.on_load_failure(exc)
         finally:
             state.ready.set()
 
@@ -285,13 +309,28 @@ def load_model_dir(path: str | Path, dtype: Optional[str] = None) -> ModelLoader
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, graceful_timeout: float = 30.0) -> None:
-    """Serve with uvicorn; SIGTERM/SIGINT stop accepting, finish in-flight requests, then stop the engine."""
+    """Serve with uvicorn; SIGTERM/SIGINT stop accepting, finish in-flight requests, then stop the engine.
+
+    When the model fails to load, the server stops and this raises the loading error (the CLI exits 2)."""
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=graceful_timeout, lifespan="on")
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    state: ServerState = app.state.server
+
+    def stop(exc: BaseException) -> None:
+        server.should_exit = True
+
+    state.on_load_failure = stop
+    server.run()
+    if state.load_error is not None:
+        raise ServerLoadError(f"the model failed to load: {state.load_error}") from state.load_error
 
 
-__all__ = ["create_app", "ServerOptions", "load_model_dir", "run_server", "configure_logging"]
+class ServerLoadError(GptforgeError):
+    """`gptforge serve` stopped because the model could not be loaded."""
+
+
+__all__ = ["create_app", "ServerOptions", "load_model_dir", "run_server", "configure_logging", "ServerLoadError"]
 

@@ -1,13 +1,18 @@
 """The continuous-batching engine: one scheduler thread owns the model and its KV cache.
 
-Every running sequence holds one row of a preallocated cache (`model.setup_cache(max_batch, ...)`).
-Between decode steps the scheduler drops cancelled or timed-out sequences (freeing their rows),
-admits waiting ones (prefilling each into a free row), then runs ONE forward over all running rows
-with `cache_rows`, so requests that arrive mid-generation join the batch at the next step and
-throughput grows with concurrency. Sampling parameters are per sequence inside the batch.
+Every running sequence holds one row of a preallocated cache (`model.setup_cache(max_batch, ...)`), and
+the running sequences always occupy rows [0, n): when one finishes, the last one moves into its row (a
+copy of its filled slots, once), so each decode step reads the cache through a view instead of
+gathering rows. Between decode steps the scheduler drops cancelled or timed-out sequences, admits
+waiting ones (prefilling each into a free row), then runs ONE forward over all running rows, so
+requests that arrive mid-generation join the batch at the next step.
 
-Results go back through `sink` callbacks (called on the engine thread); the HTTP layer hands them
-to its asyncio loop.
+Isolation: sampling parameters are per sequence, and an error while prefilling or sampling one
+sequence ends that sequence alone (with an OpenAI-shaped error); the others go on. Each sampled token
+goes through the sequence's `SequenceEmitter` (gptforge.emitter), the same rules `generate` uses.
+
+Results go back through `sink` callbacks, called on the engine thread once per step per request with
+that request's events; the HTTP layer hands them to its asyncio loop.
 """
 
 from __future__ import annotations
@@ -17,19 +22,30 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 
-from ..sampling import (IncrementalDetokenizer, SamplingParams, StopStringMatcher, make_generator,
-                        process_logits, sample_next_token)
+from ..emitter import SequenceEmitter, TopLogprobs
+from ..sampling import SamplingParams, make_generator, process_logits, sample_next_token, token_logprobs
 from .errors import APIError
-from .json_grammar import START, DONE_MODE, JSONConstraint, State, token_byte_table
 from .metrics import ServerMetrics
 
 log = logging.getLogger("gptforge.serve.engine")
 
-TopLogprobs = list[tuple[int, float]]
+
+class Constraint(Protocol):
+    """Per-sequence constrained decoding (JSON mode): which tokens may come next, given a token budget."""
+
+    def allowed(self, budget: int) -> torch.Tensor | int:
+        """A bool mask (V,) of allowed tokens, or one token id that must come next."""
+
+    def advance(self, token: int) -> None:
+        """Record the chosen token."""
+
+    @property
+    def complete(self) -> bool:
+        """True when the output is a complete value (generation stops with finish_reason "stop")."""
 
 
 @dataclass
@@ -47,7 +63,7 @@ class SeqEvent:
 
     index: int
     text: str = ""  # text safe to show (stop strings never appear; held-back text arrives later)
-    token_id: Optional[int] = None
+    token_id: Optional[int] = None  # a sampled token (content or end-of-sequence); None for text-only events
     logprob: Optional[float] = None
     top_logprobs: Optional[TopLogprobs] = None
     finish_reason: Optional[str] = None
@@ -64,29 +80,32 @@ class SequenceRequest:
     params: SamplingParams
     max_tokens: int  # may be 0 (echo only); params.max_new_tokens is at least 1
     prompt_logprobs: bool = False
-    json_mode: bool = False
+    constraint: Optional[Constraint] = None
+    stop_token_ids: tuple[int, ...] = ()  # end-of-sequence ids (ignored under a constraint: it decides the end)
 
 
-@dataclass
+Sink = Callable[[list[SeqEvent]], None]
+
+
+@dataclass(eq=False)
 class _Sequence:
     req: SequenceRequest
-    sink: Callable[[SeqEvent], None]
+    sink: Sink
     deadline: float
     arrived: float
+    emitter: SequenceEmitter
     row: int = -1
-    generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
     generator: Optional[torch.Generator] = None
-    detok: Optional[IncrementalDetokenizer] = None
-    stopper: Optional[StopStringMatcher] = None
-    json_state: Optional[State] = None
+    last_token: int = 0
     last_token_time: float = 0.0
+    events: list[SeqEvent] = field(default_factory=list)
 
     @property
-    def next_slot(self) -> int:
-        """Cache slot of the last generated token (fed to the next decode step)."""
-        return len(self.req.prompt_ids) + len(self.generated) - 1
+    def length(self) -> int:
+        """Tokens in the cache row once the last sampled token is fed: prompt + generated."""
+        return len(self.req.prompt_ids) + self.emitter.sampled
 
 
 class QueueFullError(APIError):
@@ -122,16 +141,16 @@ class Engine:
         self.metrics = metrics or ServerMetrics()
         self.metrics.queue_capacity.set(max_queue)
         self.metrics.batch_capacity.set(max_batch)
-        self.stop_ids = tokenizer.stop_token_ids()
-        self._json: Optional[JSONConstraint] = None
+        self.stop_ids = tuple(tokenizer.stop_token_ids())
         self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
-        self._free_rows = list(range(max_batch))
+        self._running: list[_Sequence] = []  # _running[i] holds cache row i
+        self._pending: list[_Sequence] = []  # sequences with events to deliver at the end of this step
         self._cond = threading.Condition()
         self._stopping = False
         self._step_times: deque[float] = deque(maxlen=32)
         self.steps = 0
         model.setup_cache(max_batch, self.block_size)
+        self._caches = [block.attn.kv_cache for block in model.blocks]
         self._thread = threading.Thread(target=self._loop, name="gptforge-engine", daemon=True)
         self._thread.start()
 
@@ -144,12 +163,11 @@ class Engine:
     def num_running(self) -> int:
         return len(self._running)
 
-    def submit(self, requests: list[SequenceRequest], sink: Callable[[SeqEvent], None],
-               timeout: Optional[float] = None) -> RequestHandle:
+    def submit(self, requests: list[SequenceRequest], sink: Sink, timeout: Optional[float] = None) -> RequestHandle:
         """Queue sequences (all or none); raises QueueFullError (429) when the wait queue is full."""
         now = time.monotonic()
         deadline = now + (timeout if timeout is not None else self.request_timeout)
-        seqs = [_Sequence(req=r, sink=sink, deadline=deadline, arrived=now) for r in requests]
+        seqs = [_Sequence(req=r, sink=sink, deadline=deadline, arrived=now, emitter=self._emitter(r)) for r in requests]
         with self._cond:
             if self._stopping:
                 raise APIError(503, "server is shutting down", code="shutting_down")
@@ -167,13 +185,13 @@ class Engine:
             self._cond.notify()
         self._thread.join(timeout)
 
-    def json_constraint(self) -> JSONConstraint:
-        """The JSON-object constraint for this vocabulary (built on first use)."""
-        if self._json is None:
-            self._json = JSONConstraint(token_byte_table(self.tokenizer, self.vocab_size))
-        return self._json
-
     # ---- scheduler --------------------------------------------------------------------------
+    def _emitter(self, req: SequenceRequest) -> SequenceEmitter:
+        return SequenceEmitter(self.tokenizer, req.prompt_ids, max_tokens=max(1, req.max_tokens),
+                               stop_strings=req.params.stop_strings,
+                               stop_token_ids=() if req.constraint is not None else req.stop_token_ids,
+                               skip_special_tokens=True)
+
     def _retry_after(self) -> int:
         step = sum(self._step_times) / len(self._step_times) if self._step_times else 0.05
         return max(1, int(step * 64 * (1 + len(self._waiting) / max(1, self.max_batch)) + 0.999))
@@ -188,11 +206,14 @@ class Engine:
                         return
                 try:
                     self._step()
-                except Exception as exc:  # a bug must not hang every client: fail the batch, keep serving
+                except Exception as exc:  # a bug in a batch-wide step: fail the batch, keep serving
                     log.exception("engine step failed")
                     err = APIError(500, f"generation failed: {type(exc).__name__}", code="engine_error")
                     for seq in list(self._running):
-                        self._finish(seq, None, error=err)
+                        self._fail(seq, err)
+                finally:
+                    self._deliver()
+                    self.metrics.running.set(len(self._running))
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -200,17 +221,16 @@ class Engine:
             if seq.cancelled:
                 self._release(seq)
             elif now > seq.deadline:
-                self._finish(seq, None, error=APIError(504, "request timed out", code="timeout"))
+                self._fail(seq, APIError(504, "request timed out", code="timeout"))
         self._admit(now)
         if self._running:
             start = time.perf_counter()
             self._decode()
             self._step_times.append(time.perf_counter() - start)
             self.steps += 1
-        self.metrics.running.set(len(self._running))
 
     def _admit(self, now: float) -> None:
-        while self._free_rows:
+        while len(self._running) < self.max_batch:
             with self._cond:
                 if not self._waiting:
                     break
@@ -219,34 +239,30 @@ class Engine:
             if seq.cancelled:
                 continue
             if now > seq.deadline:
-                seq.sink(SeqEvent(seq.req.index, error=APIError(504, "request timed out in the queue", code="timeout")))
+                self._event(seq, SeqEvent(seq.req.index, error=APIError(504, "request timed out in the queue",
+                                                                        code="timeout")))
                 continue
-            seq.row = self._free_rows.pop()
             self.metrics.queue_time.observe(time.monotonic() - seq.arrived)
+            seq.row = len(self._running)
+            self._running.append(seq)
             try:
                 self._prefill(seq)
-            except Exception as exc:
+            except Exception as exc:  # this sequence alone fails
                 log.exception("prefill failed")
-                self._finish(seq, None, error=APIError(500, f"prefill failed: {type(exc).__name__}", code="engine_error"))
-
-    def _setup_sequence(self, seq: _Sequence) -> None:
-        req = seq.req
-        seq.generator = make_generator(req.params.seed)
-        seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids)
-        seq.stopper = StopStringMatcher(req.params.stop_strings)
-        seq.json_state = START if req.json_mode else None
+                self._fail(seq, APIError(500, f"prefill failed: {type(exc).__name__}", code="engine_error"))
 
     def _prefill(self, seq: _Sequence) -> None:
         req = seq.req
-        self._setup_sequence(seq)
-        ids = torch.tensor([req.prompt_ids], dtype=torch.long)
-        n = ids.shape[1]
+        if not req.params.greedy:
+            seq.generator = make_generator(req.params.seed if req.params.seed is not None
+                                           else int(torch.randint(0, 2**62, ()).item()))
+        n = len(req.prompt_ids)
         self.metrics.prompt_tokens.inc(n)
-        logits = self.model(ids, cache_slots=torch.arange(n), cache_rows=torch.tensor([seq.row]),
-                            last_only=not req.prompt_logprobs)  # (1, n or 1, V)
+        ids = torch.tensor([req.prompt_ids], dtype=torch.long)
+        logits = self.model(ids, cache_slots=torch.arange(n), cache_rows=slice(seq.row, seq.row + 1),
+                            kv_len=n, last_only=not req.prompt_logprobs)  # (1, n or 1, V)
         if req.prompt_logprobs:
-            seq.sink(SeqEvent(req.index, prompt_logprobs=self._prompt_logprobs(req, logits[0])))
-        self._running.append(seq)
+            self._event(seq, SeqEvent(req.index, prompt_logprobs=self._prompt_logprobs(req, logits[0])))
         if req.max_tokens == 0:
             self._finish(seq, "length")
             return
@@ -254,111 +270,149 @@ class Engine:
 
     def _prompt_logprobs(self, req: SequenceRequest, logits: torch.Tensor) -> PromptLogprobs:
         ids = req.prompt_ids
-        logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # (n-1, V): row t predicts token t+1
-        target = torch.tensor(ids[1:], dtype=torch.long)
-        chosen = logp.gather(1, target[:, None])[:, 0].tolist() if len(ids) > 1 else []
         k = req.params.top_logprobs
-        tops: list[Optional[TopLogprobs]] = [None]
-        if k > 0 and len(ids) > 1:
-            values, indices = logp.topk(k, dim=-1)
-            for t in range(len(ids) - 1):
-                top = list(zip(indices[t].tolist(), values[t].tolist()))
-                if ids[t + 1] not in {i for i, _ in top}:
-                    top.append((ids[t + 1], chosen[t]))  # OpenAI includes the chosen token in the list
-                tops.append(top)
-        else:
-            tops += [None] * (len(ids) - 1)
-        return PromptLogprobs(list(ids), [None] + chosen, tops)
+        chosen, tops = token_logprobs(logits[:-1], torch.tensor(ids[1:], dtype=torch.long), k) if len(ids) > 1 \
+            else ([], [] if k else None)
+        if tops is None:
+            return PromptLogprobs(list(ids), [None] + chosen, [None] * len(ids))
+        for t, top in enumerate(tops):
+            if ids[t + 1] not in {i for i, _ in top}:
+                top.append((ids[t + 1], chosen[t]))  # OpenAI includes the chosen token in the list
+        return PromptLogprobs(list(ids), [None] + chosen, [None] + tops)
 
     def _decode(self) -> None:
-        seqs = list(self._running)
-        rows = torch.tensor([s.row for s in seqs], dtype=torch.long)
-        tokens = torch.tensor([[s.generated[-1]] for s in seqs], dtype=torch.long)  # (B, 1)
-        slots = torch.tensor([[s.next_slot] for s in seqs], dtype=torch.long)  # (B, 1)
-        logits = self.model(tokens, cache_slots=slots, cache_rows=rows)[:, -1]  # (B, V)
-        self._sample(seqs, logits)
+        seqs = self._running
+        n = len(seqs)
+        tokens = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long)  # (n, 1)
+        slots = torch.tensor([[s.length - 1] for s in seqs], dtype=torch.long)  # (n, 1)
+        kv_len = max(s.length for s in seqs)
+        logits = self.model(tokens, cache_slots=slots, cache_rows=slice(0, n), kv_len=kv_len)[:, -1]  # (n, V)
+        self._sample(list(seqs), logits)
 
+    # ---- sampling ---------------------------------------------------------------------------
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        """Pick the next token of each sequence from its logits (B, V) and emit it."""
+        """Pick and emit the next token of each sequence from its logits (B, V); failures stay per sequence."""
+        try:
+            tokens = self._choose(seqs, logits)
+        except Exception:  # find the sequence(s) that cannot be sampled; the others go on
+            log.exception("batched sampling failed; sampling sequences one by one")
+            tokens = []
+            for i, seq in enumerate(seqs):
+                try:
+                    tokens.append(self._choose([seq], logits[i:i + 1])[0])
+                except Exception as exc:
+                    self._fail(seq, APIError(500, f"sampling failed: {type(exc).__name__}", code="engine_error"))
+                    tokens.append(-1)
+        want = [i for i, s in enumerate(seqs) if s.req.params.logprobs and tokens[i] >= 0]
+        lps: dict[int, tuple[float, Optional[TopLogprobs]]] = {}
+        if want:
+            k = max(seqs[i].req.params.top_logprobs for i in want)
+            chosen, tops = token_logprobs(logits[want], torch.tensor([tokens[i] for i in want]), k)
+            for j, i in enumerate(want):
+                top = tops[j][:seqs[i].req.params.top_logprobs] if tops is not None else None
+                lps[i] = (chosen[j], top or None)
+        now = time.monotonic()
+        for i, seq in enumerate(seqs):
+            if tokens[i] >= 0 and not seq.finished:
+                self._emit(seq, tokens[i], *lps.get(i, (None, None)), now)
+
+    def _choose(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """Token ids for `seqs`: constraints, penalties and filters applied, then argmax or a draw."""
         logits = logits.float()
-        want_logprobs = any(s.req.params.logprobs for s in seqs)
-        logp = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         forced: dict[int, int] = {}
-        if any(s.json_state is not None for s in seqs):
+        constrained = [i for i, s in enumerate(seqs) if s.req.constraint is not None]
+        if constrained:
             logits = logits.clone()
-            constraint = self.json_constraint()
-            for i, s in enumerate(seqs):
-                if s.json_state is None:
-                    continue
-                budget = s.req.max_tokens - len(s.generated)
-                force = constraint.forced_token(s.json_state, budget)
-                if force is not None:
-                    forced[i] = force
+            for i in constrained:
+                seq = seqs[i]
+                allowed = seq.req.constraint.allowed(seq.req.max_tokens - len(seq.emitter.tokens))
+                if isinstance(allowed, int):
+                    forced[i] = allowed
                 else:
-                    allowed = constraint.allowed_within(s.json_state, budget)
                     logits[i].masked_fill_(~allowed, float("-inf"))
         params = [s.req.params for s in seqs]
-        processed = process_logits(logits, params, [s.generated for s in seqs],
+        processed = process_logits(logits, params, [s.emitter.tokens for s in seqs],
                                    [s.req.prompt_ids for s in seqs])
-        next_tokens = sample_next_token(processed, params, [s.generator for s in seqs]).tolist()
-        now = time.monotonic()
-        for i, s in enumerate(seqs):
-            token = forced.get(i, next_tokens[i])
-            lp, top = None, None
-            if logp is not None and s.req.params.logprobs:
-                lp = float(logp[i, token])
-                k = s.req.params.top_logprobs
-                if k > 0:
-                    values, indices = logp[i].topk(k)
-                    top = list(zip(indices.tolist(), values.tolist()))
-            self._emit_token(s, token, lp, top, now)
+        tokens = sample_next_token(processed, params, [s.generator for s in seqs]).tolist()
+        for i, token in forced.items():
+            tokens[i] = token
+        return tokens
 
-    def _emit_token(self, seq: _Sequence, token: int, lp: Optional[float], top: Optional[TopLogprobs],
-                    now: float) -> None:
-        req = seq.req
-        first = not seq.generated
-        seq.generated.append(token)
+    def _emit(self, seq: _Sequence, token: int, lp: Optional[float], top: Optional[TopLogprobs],
+              now: float) -> None:
+        first = seq.emitter.sampled == 0
+        out = seq.emitter.push(token, lp, top)
+        seq.last_token = token
         self.metrics.generation_tokens.inc()
         if first:
             self.metrics.ttft.observe(now - seq.arrived)
         else:
             self.metrics.itl.observe(now - seq.last_token_time)
         seq.last_token_time = now
-        finish: Optional[str] = None
-        text = ""
-        if token in self.stop_ids and seq.json_state is None:
-            finish = "stop"
-        else:
-            if seq.json_state is not None:
-                seq.json_state = self.json_constraint().advance(seq.json_state, token)
-            shown, stopped = seq.stopper.push(seq.detok.push(token))
-            text = shown
-            if stopped:
-                finish = "stop"
-            elif seq.json_state is not None and seq.json_state[0] == DONE_MODE:
-                finish = "stop"
-            elif len(seq.generated) >= req.max_tokens or seq.next_slot + 1 >= self.block_size:
-                finish = "length"
-            elif seq.json_state is None and token in req.params.eos_token_ids:
-                finish = "stop"
-        if finish is not None and not seq.stopper.stopped:
-            text += seq.stopper.push(seq.detok.flush())[0] + seq.stopper.flush()
-        seq.sink(SeqEvent(req.index, text=text, token_id=token, logprob=lp, top_logprobs=top,
-                          finish_reason=finish))
-        if finish is not None:
-            self._release(seq)
+        constraint = seq.req.constraint
+        if constraint is not None and out.token_id is not None:
+            constraint.advance(token)
+            if constraint.complete and not seq.emitter.done:
+                end = seq.emitter.finish("stop")
+                out.text += end.text
+                out.finish_reason = "stop"
+        if out.finish_reason is None and seq.length >= self.block_size:
+            end = seq.emitter.finish("length")  # the context is full: no slot for the next token
+            out.text += end.text
+            out.finish_reason = end.finish_reason
+        self._event(seq, SeqEvent(seq.req.index, text=out.text, token_id=token, logprob=lp, top_logprobs=top,
+                                  finish_reason=out.finish_reason))
+        if out.finish_reason is not None:
             self.metrics.e2e.observe(now - seq.arrived)
+            self._release(seq)
 
-    def _finish(self, seq: _Sequence, reason: Optional[str], error: Optional[APIError] = None) -> None:
-        seq.sink(SeqEvent(seq.req.index, finish_reason=reason, error=error))
+    # ---- finishing --------------------------------------------------------------------------
+    def _event(self, seq: _Sequence, event: SeqEvent) -> None:
+        if not seq.events:
+            self._pending.append(seq)
+        seq.events.append(event)
+
+    def _deliver(self) -> None:
+        """Hand this step's events to their requests' sinks: one call per request and step, not per token."""
+        by_sink: dict[int, tuple[Sink, list[SeqEvent]]] = {}
+        for seq in self._pending:
+            by_sink.setdefault(id(seq.sink), (seq.sink, []))[1].extend(seq.events)
+            seq.events = []
+        self._pending = []
+        for sink, events in by_sink.values():
+            try:
+                sink(events)
+            except Exception:  # a broken consumer must not stop the engine
+                log.exception("event sink failed")
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        end = seq.emitter.finish(reason)
+        self._event(seq, SeqEvent(seq.req.index, text=end.text, finish_reason=reason))
+        self._release(seq)
+
+    def _fail(self, seq: _Sequence, error: APIError) -> None:
+        self._event(seq, SeqEvent(seq.req.index, error=error))
         self._release(seq)
 
     def _release(self, seq: _Sequence) -> None:
+        """Free the sequence's row; the last running sequence moves into it so rows stay [0, n)."""
         if seq.finished:
             return
         seq.finished = True
-        if seq in self._running:
-            self._running.remove(seq)
-        if seq.row >= 0:
-            self._free_rows.append(seq.row)
-            seq.row = -1
+        if seq.row < 0 or seq not in self._running:
+            return
+        row, last = seq.row, len(self._running) - 1
+        moved = self._running[last]
+        if row != last:
+            length = moved.length
+            for cache in self._caches:
+                cache.k[row, :, :length] = cache.k[last, :, :length]
+                cache.v[row, :, :length] = cache.v[last, :, :length]
+            self._running[row] = moved
+            moved.row = row
+        self._running.pop()
+        seq.row = -1
+
+
+__all__ = ["Engine", "SequenceRequest", "SeqEvent", "PromptLogprobs", "RequestHandle", "QueueFullError",
+           "Constraint"]

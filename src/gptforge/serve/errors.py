@@ -88,7 +88,10 @@ def validation_error(exc: RequestValidationError) -> APIError:
             return APIError(422, f"request body is not valid JSON: {ctx.get('error', 'parse error')}",
                             code="json_invalid")
     if errors:
-        err = errors[0]
+        # A union field (prompt: str | list[str] | ...) reports one error per member; the one that says
+        # what is wrong with the value (our validators, length limits) beats "input should be a list".
+        rank = {"value_error": 0, "too_long": 1, "too_short": 1}
+        err = min(errors, key=lambda e: rank.get(e.get("type", ""), 2))
         param = _loc_to_param(tuple(err.get("loc", ())))
         if param is None and err.get("type") in ("model_attributes_type", "dict_type"):
             return APIError(422, "request body must be a JSON object", code="json_invalid")

@@ -161,34 +161,19 @@ def shortest_completion(state: State) -> bytes:
     return bytes(out)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
-
-
 def token_byte_table(tokenizer, vocab_size: int) -> list[Optional[bytes]]:
     """The bytes each token id stands for (None for special/unknown ids, which JSON mode never allows)."""
-    special = set(tokenizer.backend.get_added_tokens_decoder().keys())
-    unicode_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
-    table: list[Optional[bytes]] = []
+    table = tokenizer.token_bytes()
+    special = tokenizer.special_ids | set(tokenizer.backend.get_added_tokens_decoder())
+    out: list[Optional[bytes]] = []
     for i in range(vocab_size):
-        piece = tokenizer.id_to_token(i) if i < tokenizer.vocab_size else None
-        if piece is None or i in special:
-            table.append(None)
-        elif tokenizer.kind == "bpe" and all(c in unicode_to_byte for c in piece):
-            table.append(bytes(unicode_to_byte[c] for c in piece))
+        if i >= tokenizer.vocab_size or i in special:
+            out.append(None)
+        elif table is not None:
+            out.append(table[i])
         else:
-            table.append(tokenizer.decode([i]).encode("utf-8"))
-    return table
+            out.append(tokenizer.decode([i]).encode("utf-8"))
+    return out
 
 
 class JSONConstraint:
@@ -235,3 +220,23 @@ class JSONConstraint:
         if len(tail) < budget or not tail:
             return None
         return self.byte_token.get(tail[0])
+
+
+class JSONObjectConstraint:
+    """One sequence's JSON-object constraint, in the shape the engine's `Constraint` protocol expects."""
+
+    def __init__(self, grammar: JSONConstraint) -> None:
+        self.grammar = grammar
+        self.state: Optional[State] = START
+
+    def allowed(self, budget: int) -> torch.Tensor | int:
+        """A closing token to force when the budget is nearly spent, else the mask of allowed tokens."""
+        forced = self.grammar.forced_token(self.state, budget)
+        return forced if forced is not None else self.grammar.allowed_within(self.state, budget)
+
+    def advance(self, token: int) -> None:
+        self.state = self.grammar.advance(self.state, token) if self.state is not None else None
+
+    @property
+    def complete(self) -> bool:
+        return self.state is not None and self.state[0] == DONE_MODE

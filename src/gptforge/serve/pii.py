@@ -84,6 +84,25 @@ def mask_pii(text: str) -> str:
     return text
 
 
+class StreamRedactor:
+    """Masks PII in streamed text: holds text back to a line break (or 256 chars) so patterns are seen whole."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def push(self, text: str) -> str:
+        self.pending += text
+        cut = self.pending.rfind("\n") + 1
+        if cut == 0 and len(self.pending) > 256:
+            cut = self.pending.rfind(" ", 0, len(self.pending) - 64) + 1 or len(self.pending)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return mask_pii(out) if out else ""
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return mask_pii(out) if out else ""
+
+
 class PIIMaskingFilter(logging.Filter):
     """A logging filter that masks PII in the formatted message (and drops args once applied)."""
 

@@ -7,14 +7,33 @@ grouped at the end under "extensions". Responses are built with these models so 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+# Documented limits on request shapes (docs/serve.md): checked while parsing, before any tokenization.
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; a generous cap keeps stop matching cheap
+MAX_STOP_LENGTH = 256  # characters per stop string
+MAX_PROMPTS = 1024  # prompts in one /v1/completions request (each becomes n sequences)
+
+
+def _valid_unicode(value: str) -> str:
+    """Refuse strings that cannot be UTF-8 encoded (lone surrogates such as "\\ud800", legal in JSON)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains an unpaired surrogate (\\u{ord(value[exc.start]):04x}) at position "
+                         f"{exc.start}; text must be valid Unicode") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 TokenIds = list[int]
 # "content_filter": the moderation policy (--moderation) blocked the prompt or the output.
 FinishReason = Literal["stop", "length", "content_filter"]
-Stop = Optional[Union[str, list[str]]]
+Stop = Optional[Union[Annotated[Text, Field(max_length=MAX_STOP_LENGTH)],
+                      Annotated[list[Annotated[Text, Field(max_length=MAX_STOP_LENGTH)]],
+                                Field(max_length=MAX_STOP_STRINGS)]]]
 
 
 class StreamOptions(BaseModel):
@@ -30,12 +49,13 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
-    prompt: Union[str, list[str], TokenIds, list[TokenIds]]
+    model: Text
+    prompt: Union[Text, Annotated[list[Text], Field(max_length=MAX_PROMPTS)], TokenIds,
+                  Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]]
     best_of: Optional[int] = Field(None, ge=1)
     echo: bool = False
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[Text, float]] = None
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     max_tokens: Optional[int] = Field(16, ge=0)
     n: int = Field(1, ge=1, le=16)
@@ -44,10 +64,10 @@ class CompletionRequest(BaseModel):
     stop: Stop = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    suffix: Optional[str] = None
+    suffix: Optional[Text] = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    user: Optional[str] = None
+    user: Optional[Text] = None
     # ---- extensions (not in OpenAI's API) ----
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -56,15 +76,15 @@ class CompletionRequest(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"] = "text"
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[str, list[TextPart]]] = None
-    name: Optional[str] = None
+    content: Optional[Union[Text, list[TextPart]]] = None
+    name: Optional[Text] = None
 
     def text(self) -> str:
         """The message content as plain text (text parts joined)."""
@@ -81,9 +101,9 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     messages: list[ChatMessage] = Field(..., min_length=1)
-    model: str
+    model: Text
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[Text, float]] = None
     logprobs: bool = False
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -97,7 +117,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    user: Optional[str] = None
+    user: Optional[Text] = None
     # ---- extensions (not in OpenAI's API) ----
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -210,8 +230,8 @@ class ModelList(BaseModel):
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: Optional[str] = None
-    prompt: Optional[str] = None
+    model: Optional[Text] = None
+    prompt: Optional[Text] = None
     messages: Optional[list[ChatMessage]] = None
     add_special_tokens: bool = False
     add_generation_prompt: bool = True
@@ -227,7 +247,7 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: Optional[str] = None
+    model: Optional[Text] = None
     tokens: list[int]
 
 

@@ -38,25 +38,63 @@ class RateLimiter:
             toks.popleft()
 
     def admit(self, key: str, tokens: int) -> None:
-        """Count one request with `tokens` (prompt + requested completion) against `key`, or raise 429."""
-        if not self.enabled:
-            return
+        """Count one request with `tokens` (prompt + requested completion) against `key`, or raise 429.
+
+        Both limits are checked before either is counted, so a refused request costs nothing."""
         with self._lock:
-            now = self.clock()
-            self._trim(key, now)
-            reqs, toks = self._requests[key], self._tokens[key]
-            if self.rpm and len(reqs) >= self.rpm:
-                retry = reqs[0] + WINDOW_S - now
-                raise self._error("requests", self.rpm, retry)
-            used = sum(n for _, n in toks)
-            if self.tpm and used + tokens > self.tpm:
-                if tokens > self.tpm:
-                    raise APIError(429, f"request needs {tokens} tokens, more than the limit of {self.tpm} "
-                                   "tokens per minute", code="rate_limit_exceeded", param="max_tokens")
-                retry = toks[0][0] + WINDOW_S - now if toks else WINDOW_S
-                raise self._error("tokens", self.tpm, retry)
-            reqs.append(now)
-            toks.append((now, tokens))
+            now = self._now(key)
+            self._check_requests(key, now)
+            self._check_tokens(key, tokens, now)
+            self._record(key, now, 1, tokens)
+
+    def admit_request(self, key: str) -> None:
+        """Count one request against `key`'s requests per minute (checked before any tokenization)."""
+        with self._lock:
+            now = self._now(key)
+            self._check_requests(key, now)
+            self._record(key, now, 1, 0)
+
+    def admit_tokens(self, key: str, tokens: int) -> None:
+        """Count `tokens` against `key`'s tokens per minute, or raise 429 with Retry-After."""
+        with self._lock:
+            now = self._now(key)
+            self._check_tokens(key, tokens, now)
+            self._record(key, now, 0, tokens)
+
+    def _now(self, key: str) -> float:
+        now = self.clock()
+        self._trim(key, now)
+        return now
+
+    def _record(self, key: str, now: float, requests: int, tokens: int) -> None:
+        if self.rpm and requests:
+            self._requests[key].append(now)
+        if self.tpm and tokens:
+            self._tokens[key].append((now, tokens))
+
+    def _check_requests(self, key: str, now: float) -> None:
+        reqs = self._requests[key]
+        if self.rpm and len(reqs) >= self.rpm:
+            raise self._error("requests", self.rpm, reqs[0] + WINDOW_S - now)
+
+    def _check_tokens(self, key: str, tokens: int, now: float) -> None:
+        if not self.tpm:
+            return
+        toks = self._tokens[key]
+        used = sum(n for _, n in toks)
+        if used + tokens <= self.tpm:
+            return
+        if tokens > self.tpm:  # alone over the limit: waiting never helps, so a 400 without Retry-After
+            raise APIError(400, f"request needs {tokens} tokens, more than the limit of {self.tpm} "
+                           "tokens per minute", code="rate_limit_exceeded", param="max_tokens")
+        # The oldest entries leave the window first: wait until enough of them have.
+        excess, retry = used + tokens - self.tpm, WINDOW_S
+        for at, n in toks:
+            excess -= n
+            if excess <= 0:
+                retry = at + WINDOW_S - now
+                break
+        raise self._error("tokens", self.tpm, retry)
 
     def adjust(self, key: str, estimated: int, actual: int) -> None:
         """Replace an admitted request's token estimate with what it actually used."""

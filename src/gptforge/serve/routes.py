@@ -1,4 +1,4 @@
-"""Thin HTTP routes: parse, call `OpenAIServing`, return JSON or a server-sent event stream."""
+"""Thin HTTP routes: parse, call the endpoint's serving class, return JSON or a server-sent event stream."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _serving(request: Request):
+def _endpoints(request: Request) -> Any:
     state = request.app.state.server
-    if state.serving is None:
+    if state.endpoints is None:
         raise APIError(503, "model is still loading", code="loading", headers={"Retry-After": "5"})
-    return state.serving
+    return state.endpoints
 
 
 def _key_id(request: Request) -> str:
@@ -38,7 +38,7 @@ def _reply(result: Any) -> Response:
 async def health(request: Request) -> Response:
     """200 when the model is loaded and the engine runs; 503 while loading or shutting down."""
     state = request.app.state.server
-    if state.serving is None:
+    if state.endpoints is None:
         return JSONResponse({"status": "loading" if state.load_error is None else "failed"}, status_code=503)
     return JSONResponse({"status": "ok", "running": state.engine.num_running, "waiting": state.engine.num_waiting})
 
@@ -52,41 +52,39 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/models", response_model=ModelList, tags=["openai"])
 async def list_models(request: Request) -> Response:
-    return JSONResponse(_serving(request).models())
+    return JSONResponse(_endpoints(request).tokenization.models())
 
 
 @router.get("/v1/models/{model_id:path}", tags=["openai"])
 async def get_model(model_id: str, request: Request) -> Response:
-    serving = _serving(request)
-    serving._check_model(model_id)
-    return JSONResponse(serving.models()["data"][0])
+    return JSONResponse(_endpoints(request).tokenization.model(model_id))
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, tags=["openai"])
 async def completions(body: CompletionRequest, request: Request) -> Response:
     request.state.user = body.user
-    return _reply(await _serving(request).completion(body, request, _key_id(request)))
+    return _reply(await _endpoints(request).completions.create(body, request, _key_id(request)))
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["openai"])
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     request.state.user = body.user
-    return _reply(await _serving(request).chat(body, request, _key_id(request)))
+    return _reply(await _endpoints(request).chat.create(body, request, _key_id(request)))
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, tags=["tokenizer"])
 async def tokenize(body: TokenizeRequest, request: Request) -> Response:
-    return JSONResponse(_serving(request).tokenize(body))
+    return JSONResponse(await _endpoints(request).tokenization.tokenize(body))
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, tags=["tokenizer"])
 async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
-    return JSONResponse(_serving(request).detokenize(body))
+    return JSONResponse(await _endpoints(request).tokenization.detokenize(body))
 
 
 @router.get("/tokenizer_info", response_model=TokenizerInfo, tags=["tokenizer"])
 async def tokenizer_info(request: Request) -> Response:
-    return JSONResponse(_serving(request).tokenizer_info())
+    return JSONResponse(_endpoints(request).tokenization.tokenizer_info())
 
 
 @router.get("/", include_in_schema=False)

@@ -1,0 +1,292 @@
+"""What every OpenAI endpoint shares: validation, tokenization off the event loop, limits, submission to
+the engine, the event stream with moderation, typed per-sequence results and usage accounting.
+
+Nothing CPU-heavy runs on the asyncio loop: tokenizing, rendering chat templates and PII masking go to
+a small thread pool, so a multi-megabyte body never stalls `/health` or another client's stream. Cheap
+limits (model name, counts, an upper bound on prompt length from its byte size) are checked before any
+of that work, and rate limits before tokenization where they can be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Optional, Sequence, TypeVar
+
+from fastapi import Request
+
+from ..errors import ParameterError
+from ..safety import CONTENT_FILTER, Moderator
+from ..sampling import SamplingParams
+from .engine import Engine, PromptLogprobs, RequestHandle, SeqEvent, SequenceRequest
+from .errors import APIError, invalid_param
+from .json_grammar import JSONConstraint, JSONObjectConstraint, token_byte_table
+from .pii import mask_pii
+from .protocol import Usage
+from .ratelimit import RateLimiter
+
+DISCONNECT_POLL_S = 0.25
+# SamplingParams names that the OpenAI API calls differently.
+PARAM_NAMES = {"max_new_tokens": "max_tokens", "num_return_sequences": "n"}
+T = TypeVar("T")
+
+# Tokenizing, template rendering and masking run here, never on the event loop. Two workers: enough to
+# overlap with the engine thread on small machines without starving it.
+_CPU_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gptforge-cpu")
+
+
+@dataclass
+class SequenceResult:
+    """Everything one generated sequence produced (a choice of the response)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # sampled tokens, end-of-sequence included
+    logprobs: list[Optional[float]] = field(default_factory=list)
+    top_logprobs: list[Any] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    prompts: list[list[int]]
+    prompt_texts: list[Optional[str]]  # as the model sees them (masked when content masking is on)
+    sequences: list[SequenceRequest]
+    max_tokens: int
+    blocked: bool = False  # the moderation policy refused the input: answer with the refusal, generate nothing
+
+
+@dataclass
+class Submission:
+    handle: RequestHandle
+    queue: "asyncio.Queue[SeqEvent]"
+    count: int
+
+
+class ServingBase:
+    """State and helpers shared by the endpoint classes; one instance of each endpoint per server."""
+
+    def __init__(self, engine: Engine, tokenizer: Any, model_name: str, *, redact_content: bool = False,
+                 rate_limiter: Optional[RateLimiter] = None, moderator: Optional[Moderator] = None) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.block_size = engine.block_size
+        self.vocab_size = engine.vocab_size
+        self.redact_content = redact_content
+        self.rate_limiter = rate_limiter or RateLimiter()
+        self.moderator = moderator
+        self.stop_ids = tuple(tokenizer.stop_token_ids())
+        table = tokenizer.token_bytes()
+        # A prompt of more bytes than this cannot fit the context (no token is longer): refuse it untokenized.
+        longest = max((len(b) for b in table if b), default=1) if table is not None else None
+        self.max_prompt_bytes = self.block_size * longest if longest else None
+        self._token_str_cache: dict[int, str] = {}
+        self._json_grammar: Optional[JSONConstraint] = None
+
+    # ---- checks -------------------------------------------------------------------------------
+    def check_model(self, model: Optional[str], required: bool = True) -> None:
+        """404 unless `model` names the served model (None passes when not required)."""
+        if model is None and not required:
+            return
+        if model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+
+    def check_token_ids(self, ids: Sequence[int], param: str, within_context: bool = True) -> None:
+        if within_context and len(ids) > self.block_size:
+            raise invalid_param(param, f"{len(ids)} tokens exceed the model's context of {self.block_size}")
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise invalid_param(param, f"token id {bad} is out of range (vocabulary size {self.vocab_size})")
+
+    def check_text_size(self, text: str, param: str) -> None:
+        """Refuse, before tokenizing, a text too long to fit the context whatever its tokens."""
+        if self.max_prompt_bytes is not None and len(text) > self.max_prompt_bytes // 4 and \
+                len(text.encode("utf-8")) > self.max_prompt_bytes:
+            raise invalid_param(param, f"the text ({len(text):,} characters) cannot fit the model's context of "
+                                f"{self.block_size} tokens")
+
+    def check_length(self, prompt_len: int, max_tokens: int, param: str) -> None:
+        if prompt_len + max_tokens > self.block_size:
+            raise invalid_param(
+                param if prompt_len >= self.block_size else "max_tokens",
+                f"This model's maximum context length is {self.block_size} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
+                "Please reduce the prompt or the completion length.")
+
+    def completion_budget(self, requested: Optional[int], prompt_lens: Sequence[int], param: str) -> int:
+        """`requested` checked against the context, or (None) what is left after the longest prompt."""
+        longest = max(prompt_lens)
+        if requested is None:
+            if longest >= self.block_size:  # nothing left to generate into
+                self.check_length(longest, 1, param)
+            return self.block_size - longest
+        for n in prompt_lens:
+            self.check_length(n, requested, param)
+        return requested
+
+    # ---- CPU work off the event loop ----------------------------------------------------------
+    @staticmethod
+    async def run_cpu(fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in the CPU pool so the event loop keeps serving other requests."""
+        return await asyncio.get_running_loop().run_in_executor(_CPU_POOL, fn, *args)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text prompt (masked first when content masking is on); never empty."""
+        if self.redact_content:
+            text = mask_pii(text)
+        ids = self.tokenizer.encode(text)
+        return ids or [self.stop_ids[0] if self.stop_ids else 0]  # an empty prompt still needs one token
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except ValueError as exc:
+            raise invalid_param("messages", str(exc)) from exc
+
+    # ---- parameters ---------------------------------------------------------------------------
+    def sampling_params(self, body: Any, max_tokens: int, top_logprobs: int, want_logprobs: bool) -> SamplingParams:
+        bias = None
+        if body.logit_bias:
+            bias = {}
+            for key, value in body.logit_bias.items():
+                if not key.lstrip("-").isdigit() or not 0 <= int(key) < self.vocab_size:
+                    raise invalid_param("logit_bias", f"logit_bias key {key[:32]!r} is not a token id "
+                                        f"in [0, {self.vocab_size})")
+                bias[int(key)] = value
+        try:
+            return SamplingParams(
+                max_new_tokens=max(1, max_tokens), do_sample=body.temperature > 0, temperature=body.temperature,
+                top_k=body.top_k, top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=bias,
+                stop=body.stop or None, eos_token_id=list(self.stop_ids) or None, seed=body.seed,
+                logprobs=want_logprobs, top_logprobs=top_logprobs)
+        except ParameterError as exc:
+            raise invalid_param(PARAM_NAMES.get(exc.param, exc.param), str(exc)) from exc
+
+    def json_constraint(self) -> JSONObjectConstraint:
+        """A fresh JSON-object constraint for one sequence (the vocabulary's byte table is built once)."""
+        if self._json_grammar is None:
+            self._json_grammar = JSONConstraint(token_byte_table(self.tokenizer, self.vocab_size))
+        return JSONObjectConstraint(self._json_grammar)
+
+    # ---- rate limits and usage ----------------------------------------------------------------
+    def admit_tokens(self, key_id: str, prep: Prepared) -> int:
+        tokens = sum(len(p) for p in prep.prompts) + prep.max_tokens * len(prep.sequences)
+        limit = self.rate_limiter.tpm
+        if limit and tokens > limit:  # can never succeed: not a "retry later"
+            raise invalid_param("max_tokens", f"this request needs {tokens} tokens (prompt + max_tokens x choices), "
+                                f"more than this key's limit of {limit} tokens per minute")
+        self.rate_limiter.admit_tokens(key_id, tokens)
+        return tokens
+
+    def usage(self, prep: Prepared, completion_tokens: int) -> Usage:
+        prompt_tokens = sum(len(p) for p in prep.prompts)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+    def account(self, key_id: str, estimate: int, usage: Usage, request: Request) -> None:
+        self.rate_limiter.adjust(key_id, estimate, usage.prompt_tokens + usage.completion_tokens)
+        request.state.usage = usage.model_dump()
+
+    def output_text(self, text: str) -> str:
+        return mask_pii(text) if self.redact_content else text
+
+    def token_str(self, token_id: int) -> str:
+        s = self._token_str_cache.get(token_id)
+        if s is None:
+            s = self.tokenizer.decode([token_id])
+            self._token_str_cache[token_id] = s
+        return s
+
+    # ---- the engine -------------------------------------------------------------------------------
+    def submit(self, prep: Prepared) -> Submission:
+        """Queue the sequences now (so a full queue is a 429 before any stream starts)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[SeqEvent] = asyncio.Queue()
+        if prep.blocked:  # refused by the moderation policy: the refusal is the whole answer
+            for seq in prep.sequences:
+                queue.put_nowait(SeqEvent(seq.index, text=self.moderator.refusal, finish_reason=CONTENT_FILTER))
+            return Submission(RequestHandle([]), queue, len(prep.sequences))
+
+        def put_all(events: list[SeqEvent]) -> None:
+            for event in events:
+                queue.put_nowait(event)
+
+        def sink(events: list[SeqEvent]) -> None:  # called on the engine thread, once per step
+            try:
+                loop.call_soon_threadsafe(put_all, events)
+            except RuntimeError:  # loop closed: nobody is listening any more
+                pass
+
+        handle = self.engine.submit(prep.sequences, sink)
+        return Submission(handle, queue, len(prep.sequences))
+
+    async def events(self, sub: Submission, request: Request) -> AsyncIterator[SeqEvent]:
+        """The sequences' events, moderated; cancels them if the client goes away or we stop early."""
+        remaining = sub.count
+        next_check = time.monotonic() + DISCONNECT_POLL_S
+        guards: dict[int, Any] = {}
+        try:
+            while remaining:
+                try:
+                    event = await asyncio.wait_for(sub.queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() >= next_check:  # events may flow steadily: check on a clock, not on idle
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
+                    if await request.is_disconnected():
+                        raise APIError(499, "client disconnected", code="client_disconnected")
+                if event is None:
+                    continue
+                if event.error is not None:
+                    raise event.error
+                if event.finish_reason is not None:
+                    remaining -= 1
+                event = self._moderate(event, guards)
+                if event is not None:
+                    yield event
+        finally:
+            sub.handle.cancel()
+
+    def _moderate(self, event: SeqEvent, guards: dict[int, Any]) -> Optional[SeqEvent]:
+        """Output moderation: a sequence whose text so far is blocked ends with finish_reason content_filter."""
+        if self.moderator is None or event.finish_reason == CONTENT_FILTER:
+            return event
+        guard = guards.setdefault(event.index, self.moderator.stream_guard())
+        if guard.blocked:  # the engine is still finishing it; only its end is reported (already)
+            return None
+        shown = guard.push(event.text) if event.text else ""
+        if guard.blocked:
+            return SeqEvent(event.index, token_id=event.token_id, logprob=event.logprob,
+                            top_logprobs=event.top_logprobs, finish_reason=CONTENT_FILTER)
+        if shown != event.text:
+            event = SeqEvent(**{**event.__dict__, "text": shown})
+        return event
+
+    async def collect(self, prep: Prepared, sub: Submission, request: Request) -> dict[int, SequenceResult]:
+        """Wait for every sequence to finish; their results by index."""
+        results = {s.index: SequenceResult(s.index) for s in prep.sequences}
+        async for ev in self.events(sub, request):
+            res = results[ev.index]
+            res.text += ev.text
+            if ev.prompt_logprobs is not None:
+                res.prompt_logprobs = ev.prompt_logprobs
+            if ev.token_id is not None:
+                res.token_ids.append(ev.token_id)
+                res.logprobs.append(ev.logprob)
+                res.top_logprobs.append(ev.top_logprobs)
+            if ev.finish_reason is not None:
+                res.finish_reason = ev.finish_reason
+                if ev.finish_reason == CONTENT_FILTER:
+                    res.text = self.moderator.refusal  # a blocked output is replaced, not truncated
+        return results
+
+
+__all__ = ["ServingBase", "SequenceResult", "Prepared", "Submission", "PARAM_NAMES"]
