@@ -54,13 +54,14 @@ def build_model(directory: Path, preset: str) -> tuple[str, list[int]]:
 
 
 class Server:
-    def __init__(self, model_dir: Path, max_concurrency: int, threads: int | None) -> None:
+    def __init__(self, model_dir: Path, max_concurrency: int, threads: int | None, extra: list[str] = ()) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "gptforge.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
                "--max-concurrency", str(max_concurrency), "--max-queue", "256"]
         if threads:
             cmd += ["--threads", str(threads)]
+        cmd += list(extra)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def __enter__(self) -> "Server":

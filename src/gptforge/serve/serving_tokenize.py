@@ -39,6 +39,7 @@ class TokenizeServing(ServingBase):
     def _tokenize(self, req: TokenizeRequest) -> list[int]:
         if req.messages is not None:
             text = self.render_chat(chat_messages(req.messages, False), req.add_generation_prompt)
+            self.check_text_size(text, "messages")  # the rendered conversation, before the tokenizer sees it
         else:
             text = req.prompt
         return self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
