@@ -55,6 +55,7 @@ class SequenceEmitter:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     want_text: bool = True
+    hidden_prefix: str = ""  # token healing: text the first tokens repeat from the prompt, never shown
     tokens: list[int] = field(default_factory=list)
     logprobs: list[Optional[float]] = field(default_factory=list)
     top_logprobs: list[Optional[TopLogprobs]] = field(default_factory=list)
@@ -67,7 +68,8 @@ class SequenceEmitter:
         self._stops = frozenset(int(t) for t in self.stop_token_ids)
         if self.stop_strings and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer to turn tokens into text")
-        text = self.tokenizer is not None and (self.want_text or bool(self.stop_strings))
+        text = self.tokenizer is not None and (self.want_text or bool(self.stop_strings) or bool(self.hidden_prefix))
+        self._hide = len(self.hidden_prefix)
         self._detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids, self.skip_special_tokens) \
             if text else None
         self._matcher = StopStringMatcher(self.stop_strings) if text else None
@@ -91,7 +93,7 @@ class SequenceEmitter:
         self.top_logprobs.append(top_logprobs)
         shown = ""
         if self._detok is not None:
-            shown, stopped = self._matcher.push(self._detok.push(token_id))
+            shown, stopped = self._matcher.push(self._unhide(self._detok.push(token_id)))
             self.text += shown
             if stopped:
                 self.finish_reason, self.stop_reason = "stop", self._matcher.stop_string
@@ -113,7 +115,7 @@ class SequenceEmitter:
         text = ""
         if self._detok is not None:
             # Release the held-back text; it may itself complete a stop string.
-            text, stopped = self._matcher.push(self._detok.flush())
+            text, stopped = self._matcher.push(self._unhide(self._detok.flush()))
             if stopped:
                 reason, stop_reason = "stop", self._matcher.stop_string
             else:
@@ -121,6 +123,13 @@ class SequenceEmitter:
             self.text += text
         self.finish_reason, self.stop_reason = reason, stop_reason
         return Emission(text, finish_reason=reason, stop_reason=stop_reason)
+
+    def _unhide(self, delta: str) -> str:
+        """Drop the healed prompt text from the start of the output (it is the prompt's, already shown)."""
+        if self._hide and delta:
+            cut = min(self._hide, len(delta))
+            delta, self._hide = delta[cut:], self._hide - cut
+        return delta
 
     def final_text(self) -> str:
         """The whole text: the emitted deltas, or one decode of the tokens when deltas were skipped."""

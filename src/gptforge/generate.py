@@ -18,8 +18,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 
 from .emitter import SequenceEmitter
-from .sampling import (SamplingParams, StopStringMatcher, make_generator, process_logits, sample_next_token,
-                       token_logprobs)
+from .healing import HealedPrompt, heal_prompt
+from .sampling import (FILTERED, SamplingParams, StopStringMatcher, make_generator, process_logits,
+                       sample_next_token, token_logprobs)
 
 Prompt = Union[str, Sequence[int]]
 Prompts = Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]]]
@@ -212,14 +213,27 @@ class _Batch:
 
 # ---- the public API -------------------------------------------------------------------------------
 
+def _heal(prompts: Prompts, token_prompts: list[list[int]], tokenizer: Any,
+          enabled: bool) -> list[Optional[HealedPrompt]]:
+    """Token healing (gptforge.healing) of the text prompts; token-id prompts are used as given."""
+    texts = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, (list, tuple)) else []
+    is_text = [isinstance(p, str) for p in texts] if len(texts) == len(token_prompts) else [False] * len(token_prompts)
+    if not enabled or tokenizer is None:
+        return [None] * len(token_prompts)
+    return [heal_prompt(tokenizer, ids) if text else None for ids, text in zip(token_prompts, is_text)]
+
+
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
              params: Optional[SamplingParams] = None, echo: bool = False, truncate_prompt: bool = False,
-             skip_special_tokens: bool = True, compile: bool = False, **kwargs: Any) -> list[GenerationOutput]:
+             skip_special_tokens: bool = True, compile: bool = False, token_healing: bool = True,
+             **kwargs: Any) -> list[GenerationOutput]:
     """Continue each prompt; returns len(prompts) * num_return_sequences outputs, grouped by prompt.
 
     Parameters are `SamplingParams` fields (max_new_tokens, temperature, top_p, stop, num_beams, ...),
     given as keywords or as `params=`. `echo=True` adds the prompt's own log-probabilities.
+    `token_healing` (text prompts, sampling and greedy decoding, not with echo) lets the model re-choose
+    the prompt's last token (see gptforge.healing); the output text still continues the prompt exactly.
     """
     params = params.replace(**kwargs) if params is not None else SamplingParams.from_kwargs(**kwargs)
     if params.stop_strings and tokenizer is None:
@@ -233,8 +247,9 @@ def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
         if params.num_beams > 1:
             outputs = _beam_search(model, token_prompts, params, tokenizer, skip_special_tokens)
         else:
+            healed = _heal(prompts, token_prompts, tokenizer, token_healing and not echo)
             outputs = list(_SamplingRun(model, token_prompts, params, tokenizer, skip_special_tokens,
-                                        compile=compile).run())
+                                        compile=compile, healed=healed).run())
         if echo:
             _attach_prompt_logprobs(model, outputs, token_prompts, params.top_logprobs)
     finally:
@@ -244,7 +259,8 @@ def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
 
 def stream(model: torch.nn.Module, prompt: Prompt, tokenizer: Any = None, *,
            params: Optional[SamplingParams] = None, truncate_prompt: bool = False,
-           skip_special_tokens: bool = True, compile: bool = False, **kwargs: Any) -> Iterator[str]:
+           skip_special_tokens: bool = True, compile: bool = False, token_healing: bool = True,
+           **kwargs: Any) -> Iterator[str]:
     """Yield text deltas of one continuation as they are decoded.
 
     Deltas never split a multi-byte character, and text that may begin a stop string is held back
@@ -260,7 +276,7 @@ def stream(model: torch.nn.Module, prompt: Prompt, tokenizer: Any = None, *,
     token_prompts = _fit_context(model, normalize_prompts(prompt, tokenizer), truncate_prompt)
     _check_ids(model, token_prompts)
     run = _SamplingRun(model, token_prompts, params, tokenizer, skip_special_tokens, want_deltas=True,
-                       compile=compile)
+                       compile=compile, healed=_heal(prompt, token_prompts, tokenizer, token_healing))
     was_training = model.training
     model.eval()
     try:
@@ -334,7 +350,10 @@ class _SamplingRun:
     """
 
     def __init__(self, model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, tokenizer: Any,
-                 skip_special_tokens: bool, want_deltas: bool = False, compile: bool = False) -> None:
+                 skip_special_tokens: bool, want_deltas: bool = False, compile: bool = False,
+                 healed: Optional[list[Optional[HealedPrompt]]] = None) -> None:
+        healed = healed or [None] * len(prompts)
+        prompts = [h.prompt_ids if h is not None else p for p, h in zip(prompts, healed)]
         self.model, self.prompts, self.params, self.tokenizer = model, prompts, params, tokenizer
         self.compile = compile
         eos = _default_eos(params, tokenizer, model)
@@ -344,7 +363,10 @@ class _SamplingRun:
         self.rows = [SequenceEmitter(tokenizer, prompts[i], max_tokens=params.max_new_tokens,
                                      stop_strings=params.stop_strings, stop_token_ids=eos,
                                      min_tokens=params.min_new_tokens, skip_special_tokens=skip_special_tokens,
-                                     want_text=want_deltas) for i in self.index]
+                                     want_text=want_deltas,
+                                     hidden_prefix=healed[i].hidden_text if healed[i] is not None else "")
+                     for i in self.index]
+        self.constraints = [healed[i].constraint() if healed[i] is not None else None for i in self.index]
         self.read = [0] * len(self.rows)  # how much of each row's text a streaming consumer has taken
         # One generator per row: seed, seed+1, ... for a prompt's sequences, so a prompt samples the same
         # tokens whether it runs alone or in a batch. Without a seed the global RNG seeds them.
@@ -378,9 +400,15 @@ class _SamplingRun:
     def _sample(self, logits: torch.Tensor) -> None:
         """Pick each row's next token from `logits` (B, V) and push it through the row's emitter."""
         params, rows = self.params, self.rows
-        processed = process_logits(logits.float(), [params] * len(rows), [r.tokens for r in rows],
+        active = [i for i, c in enumerate(self.constraints) if c is not None and c.active]
+        constrained = logits.float().clone() if active else logits.float()
+        for i in active:  # token healing: the first tokens must spell the removed prompt bytes
+            constrained[i].masked_fill_(~self.constraints[i].allowed(0), FILTERED)
+        processed = process_logits(constrained, [params] * len(rows), [r.tokens for r in rows],
                                    prompts=[self.prompts[i] for i in self.index])
         tokens = sample_next_token(processed, [params] * len(rows), self.generators)
+        for i in active:
+            self.constraints[i].advance(int(tokens[i]))
         chosen: list[Optional[float]] = [None] * len(rows)
         tops: Optional[list[Any]] = None
         if params.logprobs or params.top_logprobs:

@@ -54,18 +54,32 @@ def test_generate_stream_and_errors(model_dir, capsys):
     assert "--prompt" in capsys.readouterr().err
 
 
-def test_chat_streams_keeps_history_resets_and_exits(model_dir, monkeypatch):
+def _record_prompts(monkeypatch) -> list[str]:
     seen = []
     from gptforge import generate as generate_module
     real_stream = generate_module.stream
 
     def recording_stream(model, prompt, tokenizer, **kwargs):
-        seen.append(tokenizer.decode(prompt))
+        seen.append(prompt if isinstance(prompt, str) else tokenizer.decode(prompt))
         yield from real_stream(model, prompt, tokenizer, **kwargs)
 
     monkeypatch.setattr(generate_module, "stream", recording_stream)
+    return seen
+
+
+def test_chat_streams_keeps_history_resets_and_exits(model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from gptforge.tokenizer import CHATML_TEMPLATE, Tokenizer
+
+    chat_dir = tmp_path / "chat-model"  # the same model with a chat template, as a chat fine-tune saves it
+    shutil.copytree(model_dir, chat_dir)
+    tok = Tokenizer.from_file(chat_dir)
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save(chat_dir)
+    seen = _record_prompts(monkeypatch)
     parser = cli.build_parser(["chat"])[0]
-    args = parser.parse_args(["chat", "--model", str(model_dir), "--system", "be brief", "--max-new-tokens", "4"])
+    args = parser.parse_args(["chat", "--model", str(chat_dir), "--system", "be brief", "--max-new-tokens", "4"])
     stdout = io.StringIO()
     stdin = io.StringIO("hello\nhow are you\n/reset\nagain\n/exit\nnever read\n")
     assert chat.run(args, stdin=stdin, stdout=stdout) == 0
@@ -74,3 +88,72 @@ def test_chat_streams_keeps_history_resets_and_exits(model_dir, monkeypatch):
     assert "hello" in seen[1] and "how are you" in seen[1]  # history kept
     assert "hello" not in seen[2] and "again" in seen[2] and "be brief" in seen[2]  # reset keeps the system prompt
     assert stdout.getvalue().count("assistant> ") == 3 and "(history cleared)" in stdout.getvalue()
+
+
+def test_chat_with_a_base_model_continues_the_running_text(model_dir, monkeypatch, capsys):
+    seen = _record_prompts(monkeypatch)
+    parser = cli.build_parser(["chat"])[0]
+    args = parser.parse_args(["chat", "--model", str(model_dir), "--max-new-tokens", "4", "--seed", "1"])
+    stdout = io.StringIO()
+    assert chat.run(args, stdin=io.StringIO("def add(a, b):\n    return\n"), stdout=stdout) == 0
+    assert "no chat template" in capsys.readouterr().err  # says it is a base model, once
+    assert seen[0] == "def add(a, b):\n" and seen[1].startswith("def add(a, b):\n") and "    return\n" in seen[1]
+    assert "<|im_start|>" not in "".join(seen)
+
+
+@pytest.mark.slow
+def test_chat_ctrl_c_stops_the_reply_and_ctrl_d_leaves_on_a_new_line(tmp_path):
+    """In a real terminal (a pty): Ctrl-C during a reply returns to the prompt; Ctrl-D exits cleanly."""
+    import os
+    import pty
+    import select
+    import sys
+    import time
+
+    import torch
+
+    from gptforge.config import Config
+    from gptforge.loading import save
+    from gptforge.model import GPT
+    from gptforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_bpe(["hello there friend " * 40], vocab_size=300)
+    torch.manual_seed(0)
+    save(tmp_path / "long", GPT(Config(vocab_size=tok.vocab_size, block_size=4096, n_layer=1, n_head=2, n_embd=32)),
+         tok)
+    bans = sum((["--logit-bias", f"{t}=-100"] for t in tok.stop_token_ids()), [])
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a chat whose reply would take thousands of tokens
+        os.execv(sys.executable, [sys.executable, "-m", "gptforge.cli", "chat", "--model", str(tmp_path / "long"),
+                                  "--max-new-tokens", "4000", "--do-sample", "--seed", "1", *bans])
+
+    def read_until(marker: str, timeout: float = 60.0) -> str:
+        seen, deadline = "", time.monotonic() + timeout
+        while marker not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    seen += os.read(fd, 4096).decode(errors="replace")
+                except OSError:
+                    break
+        return seen
+
+    try:
+        assert "you> " in read_until("you> ")
+        os.write(fd, b"hello\n")
+        reply = read_until("assistant> ")
+        reply += read_until("e", 10)  # some of the reply has streamed
+        os.write(fd, b"\x03")  # Ctrl-C
+        after = read_until("you> ")
+        assert "(stopped)" in after and after.rstrip().endswith("you>"), after[-300:]
+        os.write(fd, b"\x04")  # Ctrl-D at the prompt
+        tail = read_until("\n", 20)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert tail.startswith("\r\n") or tail.startswith("\n"), repr(tail)
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.close(fd)

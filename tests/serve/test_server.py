@@ -392,7 +392,8 @@ def test_chat_page_in_headless_chromium(server, client, tmp_path):
 
     try:
         driver.get(f"{server.base}/")  # the page itself loads without a key...
-        wait.until(lambda d: "401" in by_id("model-name").text)  # ...but the API needs one
+        wait.until(lambda d: by_id("model-name").text == "enter your API key")  # ...but the API needs one
+        assert "needs an API key" in by_id("error").text
         set_value("api-key", API_KEY)
         wait.until(lambda d: by_id("model-name").text == MODEL_NAME)
         set_value("system-prompt", "Be brief.")
@@ -409,6 +410,16 @@ def test_chat_page_in_headless_chromium(server, client, tmp_path):
             driver.execute_script("return arguments[0].textContent", reply) == expected.choices[0].message.content
         assert reply.get_attribute("data-finish-reason") == expected.choices[0].finish_reason
         assert by_id("error").get_attribute("hidden") is not None
+        # a conversation longer than the 128-token context: older turns are left out, every reply arrives
+        for i in range(3):
+            by_id("prompt").send_keys(f"turn {i}: " + "the quick brown fox " * 3)
+            by_id("send").click()
+            wait.until(lambda d, n=i + 2: len(d.find_elements(By.CSS_SELECTOR,
+                                                                ".message.assistant[data-done='true']")) == n)
+        replies = driver.find_elements(By.CSS_SELECTOR, ".message.assistant")
+        assert all(r.get_attribute("data-finish-reason") in ("stop", "length") for r in replies), \
+            [(r.get_attribute("data-finish-reason"), r.text, by_id("error").text) for r in replies]
+        assert "left out" in by_id("error").text and "128-token context" in by_id("error").text
         # the stop button aborts a long reply mid-stream
         by_id("clear").click()  # a new conversation keeps the prompt short
         set_value("max-tokens", "80")
@@ -464,3 +475,14 @@ def test_graceful_shutdown_finishes_in_flight_requests(server):
     # uvicorn re-raises the captured SIGTERM after its graceful shutdown, so the exit status is -SIGTERM
     assert server.proc.wait(30) in (0, -signal.SIGTERM)
     assert '"message": "server stopped"' in server.log
+
+
+def test_token_healing_extension(client, reference_model):
+    _, tok = reference_model
+    prompt = "The quick brown fox jumps over the "
+    res = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0,
+                                    extra_body={"token_healing": True})
+    plain = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0)
+    assert res.usage.prompt_tokens == len(tok.encode(prompt)) - 1  # the last prompt token is re-chosen
+    assert plain.usage.prompt_tokens == len(tok.encode(prompt))  # off by default: the prompt as given
+    assert not res.choices[0].text.startswith(" ")  # the healed space is the prompt's, never repeated

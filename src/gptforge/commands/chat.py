@@ -1,15 +1,20 @@
 """`gptforge chat`: an interactive conversation with streaming replies.
 
-Type a message and press Enter. `/reset` clears the history (the system prompt stays), `/exit` or
-end-of-input leaves. The whole history is rendered with the tokenizer's chat template each turn;
-when it no longer fits the context, the oldest turns are dropped.
+Type a message and press Enter. `/reset` clears the history (the system prompt stays), `/exit`,
+end-of-input (Ctrl-D) or Ctrl-C at the prompt leave; Ctrl-C during a reply stops that reply only.
+
+A model whose tokenizer has a chat template (fine-tuned on chat data, or a Hugging Face chat model)
+gets the whole history rendered with it each turn; when it no longer fits the context, the oldest
+turns are dropped and chat says so. A base model (no chat template, such as the one `gptforge demo`
+trains) cannot follow turns: chat says so and continues the running text instead, each message
+appended to it, with token healing so a message may end anywhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .decoding_args import (add_model_arguments, add_moderation_argument, add_sampling_arguments, load_for_decoding,
                             sampling_kwargs)
@@ -17,7 +22,7 @@ from .decoding_args import (add_model_arguments, add_moderation_argument, add_sa
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--system", default=None, help="system prompt (chat models; a base model reads it as text)")
     add_moderation_argument(parser)
     add_sampling_arguments(parser)
     parser.set_defaults(max_new_tokens=256)
@@ -32,6 +37,64 @@ def fit_history(tokenizer: Any, messages: list[dict[str, str]], budget: int) -> 
         if len(ids) <= budget or len(messages) - first <= 1:
             return messages, ids
         del messages[first]
+
+
+class Conversation:
+    """The history and how it becomes a prompt: a chat template, or plain running text for a base model."""
+
+    def __init__(self, tokenizer: Any, system: Optional[str], budget: int) -> None:
+        self.tokenizer, self.system, self.budget = tokenizer, system, budget
+        self.templated = bool(tokenizer.chat_template)
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.text = self.system + "\n" if self.system and not self.templated else ""
+
+    def prompt(self, user: str) -> tuple[Any, Optional[str]]:
+        """The prompt for the next reply (ids, or text for a base model) and a note when history was cut."""
+        if self.templated:
+            self.messages.append({"role": "user", "content": user})
+            kept, ids = fit_history(self.tokenizer, self.messages, self.budget)
+            note = None
+            if len(kept) < len(self.messages):
+                note = (f"(the conversation no longer fits the {self.budget}-token budget: the oldest "
+                        f"{len(self.messages) - len(kept)} message(s) were dropped)")
+            if len(ids) > self.budget:
+                note = f"(your message is longer than the {self.budget}-token budget: only its end is used)"
+            self.messages = kept
+            return ids, note
+        self.text += user + "\n"
+        ids = self.tokenizer.encode(self.text)
+        if len(ids) <= self.budget:
+            return self.text, None
+        self.text = self.tokenizer.decode(ids[-self.budget:])
+        return self.text, f"(the text no longer fits the {self.budget}-token budget: its beginning was dropped)"
+
+    def add_reply(self, reply: str) -> None:
+        if self.templated:
+            self.messages.append({"role": "assistant", "content": reply.strip()})
+        else:
+            self.text += reply if reply.endswith("\n") else reply + "\n"
+
+
+def _stream_reply(deltas: Iterator[tuple[str, bool]], write: Callable[[str], None]) -> tuple[str, bool]:
+    """Show a reply as it streams; Ctrl-C stops this reply only. Returns (reply text, interrupted)."""
+    reply: list[str] = []
+    try:
+        for text, refused in deltas:
+            if refused:  # the reply so far is replaced by the refusal in the history
+                write((" " if reply else "") + text)
+                return text, False
+            reply.append(text)
+            write(text)
+    except KeyboardInterrupt:
+        close = getattr(deltas, "close", None)
+        if close is not None:
+            close()
+        write(" (stopped)")
+        return "".join(reply), True
+    return "".join(reply), False
 
 
 def run(args: argparse.Namespace, stdin: Optional[Any] = None, stdout: Optional[Any] = None) -> int:
@@ -52,46 +115,52 @@ def run(args: argparse.Namespace, stdin: Optional[Any] = None, stdout: Optional[
 
     moderator = load_moderator(args.moderation)  # a bad policy file fails before the model loads
     model, tokenizer = load_for_decoding(args, "chat cannot encode messages")
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(system)
-    interactive = stdin.isatty()
     budget = model.config.block_size - min(args.max_new_tokens, model.config.block_size // 2)
+    conversation = Conversation(tokenizer, args.system, budget)
+    interactive = stdin.isatty()
+
+    def write(text: str) -> None:
+        stdout.write(text)
+        stdout.flush()
+
     if interactive:
-        print("chat: type a message; /reset clears the history, /exit quits", file=sys.stderr)
+        print("chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply",
+              file=sys.stderr)
+    if not conversation.templated:
+        print("chat: this model's tokenizer has no chat template, so it is a base model that continues text "
+              "rather than answering turns; each message is appended to the running text and continued",
+              file=sys.stderr)
     while True:
         if interactive:
-            stdout.write("you> ")
-            stdout.flush()
-        line = stdin.readline()
+            write("you> ")
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt leaves
+            write("\n")
+            break
         if not line:
+            if interactive:
+                write("\n")  # Ctrl-D: leave the shell prompt on a line of its own
             break
         text = line.rstrip("\n")
         if text.strip() == "/exit":
             break
         if text.strip() == "/reset":
-            messages = list(system)
-            stdout.write("(history cleared)\n")
+            conversation.reset()
+            write("(history cleared)\n")
             continue
         if not text.strip():
             continue
         if moderator is not None and not moderator.check_input(text):
-            stdout.write(f"assistant> {moderator.refusal}\n")  # refused; the message is not kept
-            stdout.flush()
+            write(f"assistant> {moderator.refusal}\n")  # refused; the message is not kept
             continue
-        messages.append({"role": "user", "content": text})
-        messages, ids = fit_history(tokenizer, messages, budget)
-        stdout.write("assistant> ")
-        reply: list[str] = []
-        deltas = stream(model, ids, tokenizer, truncate_prompt=True, compile=args.compile, **kwargs)
-        for text, refused in moderated_stream(moderator, deltas):
-            if refused:  # the reply so far is replaced by the refusal in the history
-                stdout.write((" " if reply else "") + text)
-                reply = [text]
-                break
-            reply.append(text)
-            stdout.write(text)
-            stdout.flush()
-        stdout.write("\n")
-        stdout.flush()
-        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+        prompt, note = conversation.prompt(text)
+        if note:
+            print(note, file=sys.stderr)
+        write("assistant> ")
+        deltas = stream(model, prompt, tokenizer, truncate_prompt=True, compile=args.compile,
+                        token_healing=args.token_healing, **kwargs)
+        reply, _ = _stream_reply(moderated_stream(moderator, deltas), write)
+        write("\n")
+        conversation.add_reply(reply)
     return 0

@@ -34,6 +34,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-beams", type=int, default=1)
     group.add_argument("--length-penalty", type=float, default=1.0)
     group.add_argument("--early-stopping", choices=["true", "false", "never"], default="false")
+    group.add_argument("--no-token-healing", dest="token_healing", action="store_false",
+                       help="feed a text prompt's last token as it is (default: let the model re-choose it, so "
+                            "a prompt may end mid-word or after a space; see docs/generate.md)")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def _stream_one(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: st
         return 0
     stream_kwargs = {k: v for k, v in kwargs.items() if k not in ("logprobs", "top_logprobs")}
     deltas = stream(model, prompt, tokenizer, truncate_prompt=args.truncate_prompt, compile=args.compile,
-                    **stream_kwargs)
+                    token_healing=args.token_healing, **stream_kwargs)
     for text, refused in moderated_stream(moderator, deltas):
         sys.stdout.write("\n" + text if refused else text)
         sys.stdout.flush()
@@ -104,7 +104,7 @@ def _generate_all(args: argparse.Namespace, model: Any, tokenizer: Any, prompts:
     for start in range(0, len(allowed), args.batch_size):
         chunk = [prompts[i] for i in allowed[start:start + args.batch_size]]
         for out in generate(model, chunk, tokenizer, echo=args.echo, truncate_prompt=args.truncate_prompt,
-                            compile=args.compile, **kwargs):
+                            compile=args.compile, token_healing=args.token_healing, **kwargs):
             record = asdict(out)
             record["index"] = allowed[start + record["index"]]
             blocked = moderator.check_output(record["text"]) if moderator is not None else None

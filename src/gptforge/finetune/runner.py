@@ -151,6 +151,12 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False) -> FinetuneResult:
     classification = recipe.head == "classification"
     tasks = [build_task(spec, tokenizer, seed=recipe.data.seed, classification_head=classification)
              for spec in recipe.tasks]
+    if any(t.fmt == "chat" for t in tasks) and not tokenizer.chat_template:
+        # Trained on the default (ChatML) rendering: say so in the saved tokenizer, so `gptforge chat`
+        # and the server know the model follows turns (a tokenizer without a template marks a base model).
+        from ..tokenizer import CHATML_TEMPLATE
+
+        tokenizer.chat_template = CHATML_TEMPLATE
     max_len = min(recipe.data.max_len, body.config.block_size)
     set_dropout(body, recipe.dropout, recipe.attn_dropout)
     if recipe.method == "lora":

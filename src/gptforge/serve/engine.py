@@ -82,6 +82,8 @@ class SequenceRequest:
     prompt_logprobs: bool = False
     constraint: Optional[Constraint] = None
     stop_token_ids: tuple[int, ...] = ()  # end-of-sequence ids (ignored under a constraint: it decides the end)
+    hidden_prefix: str = ""  # token healing: prompt text the first tokens re-spell, dropped from the output
+    healing: bool = False  # the constraint is token healing (a prefix rule, not an end rule)
 
 
 Sink = Callable[[list[SeqEvent]], None]
@@ -187,10 +189,11 @@ class Engine:
 
     # ---- scheduler --------------------------------------------------------------------------
     def _emitter(self, req: SequenceRequest) -> SequenceEmitter:
+        ends_by_constraint = req.constraint is not None and not req.healing
         return SequenceEmitter(self.tokenizer, req.prompt_ids, max_tokens=max(1, req.max_tokens),
                                stop_strings=req.params.stop_strings,
-                               stop_token_ids=() if req.constraint is not None else req.stop_token_ids,
-                               skip_special_tokens=True)
+                               stop_token_ids=() if ends_by_constraint else req.stop_token_ids,
+                               skip_special_tokens=True, hidden_prefix=req.hidden_prefix)
 
     def _retry_after(self) -> int:
         step = sum(self._step_times) / len(self._step_times) if self._step_times else 0.05
@@ -320,7 +323,8 @@ class Engine:
         """Token ids for `seqs`: constraints, penalties and filters applied, then argmax or a draw."""
         logits = logits.float()
         forced: dict[int, int] = {}
-        constrained = [i for i, s in enumerate(seqs) if s.req.constraint is not None]
+        constrained = [i for i, s in enumerate(seqs)
+                       if s.req.constraint is not None and getattr(s.req.constraint, "active", True)]
         if constrained:
             logits = logits.clone()
             for i in constrained:

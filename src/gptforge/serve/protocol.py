@@ -72,6 +72,7 @@ class CompletionRequest(BaseModel):
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
+    token_healing: bool = False  # re-choose a text prompt's last token (gptforge.healing); not with echo
 
 
 class TextPart(BaseModel):

@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator, Optional
 
 from fastapi import Request
 
+from ..healing import heal_prompt
 from .engine import SequenceRequest
 from .errors import APIError, invalid_param
 from .pii import StreamRedactor, mask_pii
@@ -46,12 +47,18 @@ class CompletionServing(ServingBase):
         if max_tokens == 0 and not body.echo:
             raise invalid_param("max_tokens", "max_tokens must be at least 1 (0 is allowed only with echo)")
         params = self.sampling_params(body, max_tokens, body.logprobs or 0, body.logprobs is not None)
+        healed = [heal_prompt(self.tokenizer, p) if body.token_healing and not body.echo and t is not None else None
+                  for p, t in zip(prompts, texts)]
+        prompts = [h.prompt_ids if h is not None else p for p, h in zip(prompts, healed)]  # what the model reads
         seqs = []
         for i, p in enumerate(prompts):
             for j in range(body.n):
                 seq_params = params if body.seed is None else params.replace(seed=body.seed + j)
-                seqs.append(self._sequence(i * body.n + j, p, seq_params, max_tokens,
-                                           body.echo and body.logprobs is not None))
+                seq = self._sequence(i * body.n + j, p, seq_params, max_tokens, body.echo and body.logprobs is not None)
+                if healed[i] is not None:
+                    seq.prompt_ids, seq.hidden_prefix = healed[i].prompt_ids, healed[i].hidden_text
+                    seq.constraint, seq.healing = healed[i].constraint(), True
+                seqs.append(seq)
         blocked = self.moderator is not None and any(
             not self.moderator.check_input(t if t is not None else self.tokenizer.decode(p))
             for t, p in zip(texts, prompts))

@@ -5,6 +5,7 @@ const $ = (id) => document.getElementById(id);
 const history = [];  // {role, content} turns of this conversation
 let controller = null;  // AbortController of the reply being streamed
 let modelName = null;
+let contextLength = null;  // the model's max_model_len, from /v1/models
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -40,12 +41,46 @@ async function errorText(response) {
 async function loadModel() {
   try {
     const response = await fetch("/v1/models", { headers: headers() });
+    if (response.status === 401) {
+      $("model-name").textContent = "enter your API key";
+      showError($("api-key").value.trim() ? "That API key was not accepted; check it and press Enter."
+                                          : "This server needs an API key: enter it under Settings.");
+      $("api-key").focus();
+      return;
+    }
     if (!response.ok) { $("model-name").textContent = await errorText(response); return; }
     const body = await response.json();
     modelName = body.data[0].id;
+    contextLength = body.data[0].max_model_len || null;
     $("model-name").textContent = modelName;
+    showError("");
   } catch (e) {
     $("model-name").textContent = "server unreachable";
+  }
+}
+
+async function countTokens(messages) {
+  const response = await fetch("/tokenize", {
+    method: "POST", headers: headers(), body: JSON.stringify({ model: modelName, messages }),
+  });
+  if (!response.ok) throw new Error(await errorText(response));
+  return (await response.json()).count;
+}
+
+// The messages and max_tokens that fit the context: the oldest turns are left out first, then the reply
+// budget is clipped (a small model's context fills after a few turns).
+async function fitToContext(system, maxTokens) {
+  let turns = history.slice();
+  let dropped = 0;
+  for (;;) {
+    const messages = system.concat(turns);
+    if (!contextLength) return { messages, maxTokens, dropped };
+    const used = await countTokens(messages);
+    if (used + maxTokens <= contextLength) return { messages, maxTokens, dropped };
+    if (turns.length > 1) { turns = turns.slice(turns[1].role === "assistant" ? 2 : 1); dropped++; continue; }
+    const left = contextLength - used;
+    if (left < 1) throw new Error(`This message is too long for the model's ${contextLength}-token context.`);
+    return { messages, maxTokens: left, dropped };
   }
 }
 
@@ -62,17 +97,20 @@ async function send(text) {
   addMessage("user", text);
   const reply = addMessage("assistant", "");
   reply.classList.add("streaming");
-  const system = $("system-prompt").value.trim();
-  const messages = (system ? [{ role: "system", content: system }] : []).concat(history);
-  const body = {
-    model: modelName, messages, stream: true,
-    temperature: Number($("temperature").value), top_p: Number($("top-p").value),
-    max_tokens: Number($("max-tokens").value),
-  };
+  const systemText = $("system-prompt").value.trim();
+  const system = systemText ? [{ role: "system", content: systemText }] : [];
   controller = new AbortController();
   setBusy(true);
   let content = "";
   try {
+    const fit = await fitToContext(system, Math.max(1, Number($("max-tokens").value) || 1));
+    if (fit.dropped) {
+      showError(`Older messages were left out so the conversation fits the model's ${contextLength}-token context.`);
+    }
+    const body = {
+      model: modelName, messages: fit.messages, stream: true,
+      temperature: Number($("temperature").value), top_p: Number($("top-p").value), max_tokens: fit.maxTokens,
+    };
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
     });
@@ -110,11 +148,13 @@ async function send(text) {
       reply.dataset.finishReason = "stopped";
     } else {
       showError(String(e.message || e));
+      if (!content) reply.textContent = "(no reply: see the message above)";
     }
   } finally {
     reply.classList.remove("streaming");
     reply.dataset.done = "true";
-    history.push({ role: "assistant", content });
+    if (content) history.push({ role: "assistant", content });
+    else history.pop();  // the failed turn is not kept: the next message is not stuck behind it
     controller = null;
     setBusy(false);
   }
