@@ -213,9 +213,9 @@ def test_a_model_that_fails_to_load_exits_non_zero(tmp_path, model_dir):
     config = json.loads((broken / "config.json").read_text())
     config["gptforge"]["n_layer"] = config["num_hidden_layers"] = 3  # the weights hold 2 layers
     (broken / "config.json").write_text(json.dumps(config))
-    from conftest import free_port
-
-    port = str(free_port())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     proc = subprocess.run([sys.executable, "-m", "gptforge.cli", "serve", "--model", str(broken), "--port", port],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -458,6 +458,17 @@ def test_chat_page_in_headless_chromium(server, client, tmp_path):
         driver.quit()
 
 
+def test_token_healing_extension(client, reference_model):
+    _, tok = reference_model
+    prompt = "The quick brown fox jumps over the "
+    res = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0,
+                                    extra_body={"token_healing": True})
+    plain = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0)
+    assert res.usage.prompt_tokens == len(tok.encode(prompt)) - 1  # the last prompt token is re-chosen
+    assert plain.usage.prompt_tokens == len(tok.encode(prompt))  # off by default: the prompt as given
+    assert not res.choices[0].text.startswith(" ")  # the healed space is the prompt's, never repeated
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(server):
     """SIGTERM while a stream is running: the stream still completes with [DONE], then the process exits."""
     body = {"model": MODEL_NAME, "prompt": "Once", "max_tokens": 100, "n": 8, "temperature": 1.0, "stream": True,
@@ -476,13 +487,3 @@ def test_graceful_shutdown_finishes_in_flight_requests(server):
     assert server.proc.wait(30) in (0, -signal.SIGTERM)
     assert '"message": "server stopped"' in server.log
 
-
-def test_token_healing_extension(client, reference_model):
-    _, tok = reference_model
-    prompt = "The quick brown fox jumps over the "
-    res = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0,
-                                    extra_body={"token_healing": True})
-    plain = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0)
-    assert res.usage.prompt_tokens == len(tok.encode(prompt)) - 1  # the last prompt token is re-chosen
-    assert plain.usage.prompt_tokens == len(tok.encode(prompt))  # off by default: the prompt as given
-    assert not res.choices[0].text.startswith(" ")  # the healed space is the prompt's, never repeated
