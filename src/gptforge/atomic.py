@@ -7,11 +7,12 @@ half-written one. No torch here, so tokenizers and configs can use it cheaply.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def _umask() -> int:
@@ -107,3 +108,17 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_path", "atomic_directory"]
+
+
+def read_json(path: str | Path, error: type[Exception], missing: str) -> Any:
+    """The JSON value in `path` (a file written by this module); `error(missing)` when it is absent.
+
+    A file that does not parse (a copy cut short, an edit gone wrong) raises `error` naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: invalid JSON (truncated?): {exc}") from exc

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_directory, atomic_path, atomic_write_text
+from .atomic import atomic_directory, atomic_path, atomic_write_text, read_json
 
 
 from .errors import CheckpointError  # noqa: E402  (re-exported: gptforge.checkpoint.CheckpointError)
@@ -116,12 +116,7 @@ def load_state(directory: str | Path, name: str) -> Any:
     """Load state written by `save_state`."""
     directory = Path(directory)
     meta = directory / f"{name}.json"
-    if not meta.is_file():
-        raise CheckpointError(f"checkpoint file not found: {meta}")
-    try:
-        skeleton = json.loads(meta.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{meta}: invalid JSON (truncated?): {exc}") from exc
+    skeleton = read_json(meta, CheckpointError, f"checkpoint file not found: {meta}")
     return unflatten_state(skeleton, load_tensors(directory / f"{name}.safetensors"))
 
 

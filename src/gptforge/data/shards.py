@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from ..atomic import atomic_directory, atomic_write_text
+from ..atomic import atomic_directory, atomic_write_text, read_json
 from ..tokenizer import Tokenizer, TokenizerError
 from .corpus import Corpus, CorpusError, Document
 
@@ -75,12 +75,8 @@ def load_prepared(directory: str | Path) -> PreparedCorpus:
     """Open a folder written by `prepare_corpus`, checking that every shard has its recorded size."""
     directory = Path(directory)
     path = directory / MANIFEST
-    if not path.is_file():
-        raise CorpusError(f"{directory}: not a prepared corpus (no {MANIFEST}); run `gptforge prepare` first")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CorpusError(f"{path}: invalid JSON: {exc}") from exc
+    manifest = read_json(path, CorpusError, f"{directory}: not a prepared corpus (no {MANIFEST}); "
+                         "run `gptforge prepare` first")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CorpusError(f"{path}: not a {FORMAT} v{VERSION} manifest")
     itemsize = np.dtype(manifest["dtype"]).itemsize

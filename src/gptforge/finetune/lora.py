@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, read_json
 from ..checkpoint import CheckpointError, load_tensors, save_tensors
 from ..config import ConfigError
 from ..model import GPT
@@ -221,12 +221,7 @@ def save_lora(model: GPT, directory: str | Path, *, base_model: Optional[str] = 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     """The adapter's JSON config, with errors naming the file and field."""
     file = Path(directory) / ADAPTER_CONFIG_NAME
-    if not file.is_file():
-        raise CheckpointError(f"{directory}: no {ADAPTER_CONFIG_NAME} (expected a LoRA adapter directory)")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file}: invalid JSON: {exc}") from exc
+    data = read_json(file, CheckpointError, f"{directory}: no {ADAPTER_CONFIG_NAME} (expected a LoRA adapter directory)")
     if data.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{file}: field 'peft_type' is {data.get('peft_type')!r}; only 'LORA' is supported")
     for key in ("r", "lora_alpha"):
