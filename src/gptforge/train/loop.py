@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from . import distributed as D
 from .budget import TimeBudget
 from .checkpointing import CHECKPOINT_DIR, LATEST, RunCheckpointer, latest_checkpoint, write_model_folder
-from .metrics import MetricsLogger, ProgressBar, estimate_peak_flops, plot_loss_curve
+from .metrics import MetricsLogger, ProgressBar, estimate_peak_flops, import_plotting, plot_loss_curve
 from .optim import build_optimizer
 from .schedule import LRSchedule
 from .state import TrainState
@@ -319,7 +319,7 @@ class Trainer:
         checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in self.bare.parameters())
         return TimeBudget(self.cfg.max_time, self.cfg.eval_share, spent=state.elapsed_s, eval_spent=state.eval_s,
                           progress=state.progress, checkpoint_bytes=checkpoint_bytes, last_eval_s=state.last_eval_s,
-                          started=self.clock)
+                          origin=state.start_s, started=self.clock)
 
     def _derive_accumulation(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Fix micro-batches per step from train.batch_tokens and the first batch's shape (kept for step 1)."""
@@ -400,6 +400,8 @@ class Trainer:
         last = state.step + 1 >= cfg.max_steps
         if budget is None:
             return self.schedule.apply(self.optimizer, state.step), last
+        budget.begin_training()
+        state.start_s = budget.origin
         progress = 1.0
         if self.info.is_main:  # rank 0's clock decides for everyone
             last = last or budget.last_step_due()
@@ -425,26 +427,35 @@ class Trainer:
         self.result.metrics = metrics
         self.logger.log({"step": self.state.step, **metrics})
         self.bar.write(f"step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        self._book_evaluation(metrics)
         seconds = time.perf_counter() - started
         self.last_eval_seconds = self.state.last_eval_s = seconds
+        wrote = self._book_evaluation(metrics)
         if self.budget is not None:
             self.budget.record_eval(seconds)
+            if wrote:
+                self.budget.record_model_write(time.perf_counter() - started - seconds)
             self.state.eval_s = self.budget.eval_spent
         return metrics
 
-    def _book_evaluation(self, metrics: dict[str, float]) -> None:
-        """best/ and early stopping: track the watched metric; write best/ on an improvement."""
+    def _book_evaluation(self, metrics: dict[str, float]) -> bool:
+        """best/ and early stopping: track the watched metric; write best/ on an improvement (returns True)."""
         cfg = self.cfg
         value = metrics.get(cfg.early_stopping_metric)
         if value is None:
             if cfg.early_stopping_patience or cfg.save_best:
                 log.debug("evaluate() returned no %r; best/ and early stopping skip this evaluation",
                           cfg.early_stopping_metric)
-            return
+            return False
         if self.state.record_eval(value, cfg.early_stopping_mode, cfg.early_stopping_min_delta) and cfg.save_best:
             write_model_folder(self.bare, self.run_dir / "best", self.save_model, self.info, self.fsdp)
             self.result.best_dir = self.run_dir / "best"
+            return True
+        return False
+
+    def draw_loss_curve(self) -> None:
+        """loss_curve.png from metrics.jsonl (rank 0)."""
+        if self.info.is_main:
+            plot_loss_curve(self.logger.path, self.run_dir / "loss_curve.png", title=f"{self.run_dir.name}: loss")
 
     def checkpoint(self) -> None:
         """Write a resumable checkpoint of the current state."""
@@ -464,6 +475,8 @@ class Trainer:
             with _StopFlag() as stop:
                 if self._initial_evaluation_due():
                     self.evaluate()  # the loss of the initial model, the curve's first point
+                if self.budget is not None and self.info.is_main:
+                    import_plotting()  # a timed run pays matplotlib's import now, not in its final seconds
                 while state.step < cfg.max_steps and state.progress < 1.0:
                     started = time.perf_counter()
                     lr, last = self.plan_step()
@@ -550,8 +563,7 @@ class Trainer:
         write_model_folder(self.bare, self.run_dir / "model", self.save_model, info, self.fsdp)
         result.model_dir = self.run_dir / "model"
         result.best_metric, result.best_step = state.best_metric, state.best_step
-        if info.is_main:
-            plot_loss_curve(self.logger.path, self.run_dir / "loss_curve.png", title=f"{self.run_dir.name}: loss")
+        self.draw_loss_curve()
         result.elapsed_s = self.elapsed()
         self.bar.close(position=int(result.elapsed_s) if self.budget is not None else None)
         if result.out_of_time:

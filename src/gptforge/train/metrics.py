@@ -119,6 +119,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def import_plotting() -> None:
+    """Import matplotlib (Agg) now: its first import takes a second or more, which a timed run pays up front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "training loss") -> Optional[Path]:
     """Draw train loss (and eval metrics ending in `loss`) against tokens or steps into a PNG."""
     records = read_metrics(metrics_path)
@@ -197,4 +205,4 @@ class ProgressBar:
         self.display.close()
 
 
-__all__ = ["MetricsLogger", "ProgressBar", "plot_loss_curve", "read_metrics", "estimate_peak_flops"]
+__all__ = ["MetricsLogger", "ProgressBar", "plot_loss_curve", "import_plotting", "read_metrics", "estimate_peak_flops"]

@@ -21,6 +21,7 @@ class TrainState:
     eval_s: float = 0.0  # of which evaluations
     last_eval_s: float = 0.0  # what the last evaluation cost (a resumed run plans its final one with it)
     progress: float = 0.0  # schedule position, 0..1 of the budget (1.0: the final step is done)
+    start_s: Optional[float] = None  # elapsed_s when the first step began (the schedule's zero)
 
     def improves(self, value: float, mode: str, min_delta: float) -> bool:
         """Whether `value` beats the best metric by more than `min_delta` (`mode`: min or max)."""
@@ -50,6 +51,7 @@ class TrainState:
         self.grad_accum_steps, self.bad_evals = int(self.grad_accum_steps), int(self.bad_evals)
         for name in ("elapsed_s", "eval_s", "last_eval_s", "progress"):
             setattr(self, name, float(getattr(self, name)))
+        self.start_s = None if self.start_s is None else float(self.start_s)
 
 
 __all__ = ["TrainState"]
