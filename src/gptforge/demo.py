@@ -162,12 +162,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
         raise FileNotFoundError(f"demo recipe not found: {recipe_path} (pass --recipe PATH to a pretraining recipe)")
     out = Path(out_dir)
     if fresh:
-        for name in RUN_FILES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        _remove_run_files(out)
     budget_s = minutes * 60.0
     state_path = out / DEMO_STATE
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
@@ -227,6 +222,16 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
     atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2))
     echo(_next_steps(report))
     return report
+
+
+def _remove_run_files(out: Path) -> None:
+    """`--fresh`: delete the earlier training run in `out` (the prepared corpus stays)."""
+    for name in RUN_FILES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def _train_within_budget(recipe: Any, out: Path, state: Optional[dict[str, Any]], steps: Optional[int],

@@ -477,7 +477,8 @@ class Trainer:
                     self.evaluate()  # the loss of the initial model, the curve's first point
                 if self.budget is not None and self.info.is_main:
                     import_plotting()  # a timed run pays matplotlib's import now, not in its final seconds
-                while state.step < cfg.max_steps and state.progress < 1.0:
+                # A time-budgeted run whose final step is done (progress 1.0) trains no further on resume.
+                while state.step < cfg.max_steps and (self.budget is None or state.progress < 1.0):
                     started = time.perf_counter()
                     lr, last = self.plan_step()
                     out = self.train_step(self.next_batches(), stop.requested)
