@@ -139,10 +139,10 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> Any:
 class ValidationLoss:
     """`evaluate` of a pretraining run: loss on fixed validation windows (`data.eval_tokens` of them).
 
-    Under a time budget the first call also sizes the evaluation: it times two batches and keeps at
-    most the tokens that let ~6 evaluations fit `train.eval_share` of the budget, so that on a slow
-    machine or a short budget evaluation stays a small share (the loop spaces them by measured cost).
-    Every later evaluation reads the same windows.
+    Under a time budget the first call also sizes the evaluation: it times the model on one window and
+    keeps at most the tokens (never less than a batch) that let ~6 evaluations fit `train.eval_share` of
+    the budget, so that on a slow machine or a short budget evaluation stays a small share (the loop
+    spaces evaluations by their measured cost). Every evaluation reads the same windows.
     """
 
     def __init__(self, corpus: Any, data: DataConfig, train_cfg: Any, info: Any) -> None:
@@ -168,13 +168,14 @@ class ValidationLoss:
 
         device = next(model.parameters()).device
         batches = eval_windows(self.corpus, "val", self.data.seq_len, self.batch_size, self.max_tokens)
-        x, _ = next(batches)
-        model(x.to(device))  # warm-up: allocator and kernel choice
+        # One window, not a batch: a cheap probe, and one that overstates the cost per token a little.
+        x = next(batches)[0][:1].to(device)
+        model(x)  # warm-up: allocator and kernel choice
         started = time.perf_counter()
-        model(x.to(device))
+        model(x)
         per_token = (time.perf_counter() - started) / x.numel()
         cfg = self.train_cfg
-        cap = max(eval_token_cap(per_token, cfg.max_time, cfg.eval_share), x.numel())
+        cap = max(eval_token_cap(per_token, cfg.max_time, cfg.eval_share), self.data.seq_len * self.batch_size)
         cap = D.broadcast_object(cap, self.info)  # every rank evaluates the same windows
         available = self.corpus.num_tokens("val")
         if cap < min(self.max_tokens or available, available):
