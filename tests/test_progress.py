@@ -82,6 +82,12 @@ def test_a_terminal_gets_a_tqdm_bar_and_the_switch_turns_it_all_off(clock, monke
     bar.update(10)
     bar.close()
     assert "\r" in out.getvalue() and "10/10" in out.getvalue()
+    budget = Terminal()  # a bar over the seconds of a time budget: position, ETA and figures, no "s/s" rate
+    bar = Progress(60, desc="train", unit="s", initial=3, file=budget, show_rate=False)
+    bar.set_postfix({"step": "12"})
+    bar.set_position(59)
+    bar.close()
+    assert "59/60 s [" in budget.getvalue() and "step=12" in budget.getvalue() and "s/s" not in budget.getvalue()
     monkeypatch.setenv("GPTFORGE_NO_PROGRESS", "1")
     quiet = io.StringIO()
     with Progress(10, desc="work", file=quiet) as bar:

@@ -56,8 +56,10 @@ class Progress:
         if self.enabled and interactive(self.file):
             from tqdm.auto import tqdm
 
+            # Without a rate (a bar over seconds): "train:  50%|####  | 90/180 s [01:30<01:30, step=412, ...]".
+            fmt = None if show_rate else "{l_bar}{bar}| {n_fmt}/{total_fmt} " + unit + " [{elapsed}<{remaining}{postfix}]"
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale,
-                             dynamic_ncols=True, file=self.file)
+                             dynamic_ncols=True, file=self.file, bar_format=fmt)
 
     @property
     def lines(self) -> bool:
