@@ -139,7 +139,7 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> Any:
 class ValidationLoss:
     """`evaluate` of a pretraining run: loss on fixed validation windows (`data.eval_tokens` of them).
 
-    Under a time budget the first call also sizes the evaluation: it times the model on one window and
+    Under a time budget the first call also sizes the evaluation: it times the model on one batch and
     keeps at most the tokens (never less than a batch) that let ~6 evaluations fit `train.eval_share` of
     the budget, so that on a slow machine or a short budget evaluation stays a small share (the loop
     spaces evaluations by their measured cost). Every evaluation reads the same windows.
@@ -168,11 +168,10 @@ class ValidationLoss:
 
         device = next(model.parameters()).device
         batches = eval_windows(self.corpus, "val", self.data.seq_len, self.batch_size, self.max_tokens)
-        # One window, not a batch: a cheap probe, and one that overstates the cost per token a little.
-        x = next(batches)[0][:1].to(device)
-        model(x)  # warm-up: allocator and kernel choice
+        x = next(batches)[0].to(device)
+        model(x[:1])  # warm-up on one window: allocator and kernel choice
         started = time.perf_counter()
-        model(x)
+        model(x)  # one full batch: a single window overstates the cost per token several times
         per_token = (time.perf_counter() - started) / x.numel()
         cfg = self.train_cfg
         cap = max(eval_token_cap(per_token, cfg.max_time, cfg.eval_share), self.data.seq_len * self.batch_size)
