@@ -50,7 +50,7 @@ def run(recipe: Path, text: Path, out: Path, budget: float, extra: list[str]) ->
                  "train.progress=false", "train.checkpoint_every=0", "data.eval_tokens=0", *extra]
     recipe_obj = load_recipe(recipe, overrides)
     if recipe_obj.train.max_time:
-        # The loop keeps room for its final evaluation; saving the model takes about a second.
+        # The loop's budget covers its final evaluation and saving; 2 s cover start-up jitter and exit.
         recipe_obj.train.max_time = max(10.0, budget - startup - 2.0)
     started = time.perf_counter()
     run_dir = pretrain(recipe_obj)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gptforge.cli import main
-from gptforge.demo import default_recipe_path, plan_steps, unigram_log_probs
+from gptforge.demo import TIME_PLANNED_MAX_STEPS, default_recipe_path, training_overrides, unigram_log_probs
 from gptforge.generate import generate
 from gptforge.loading import load
 
@@ -26,9 +26,17 @@ def test_unigram_baseline_is_a_smoothed_distribution():
     assert np.exp(logp[4]) == pytest.approx(1 / 9)  # unseen tokens keep some mass
 
 
-def test_plan_steps_fits_the_budget():
-    assert plan_steps(600, 2.0, 10.0, evaluations=5) == 275
-    assert plan_steps(5, 2.0, 10.0) == 10  # never fewer than 10 steps
+def test_training_is_planned_in_time_unless_steps_are_fixed():
+    from gptforge.train.pretrain import load_recipe
+
+    timed = load_recipe(default_recipe_path(), training_overrides(90.0, None, progress=False)).train
+    # No step count guessed before the run: the budget ends it, the schedule and evaluations follow it.
+    assert timed.time_budgeted and timed.max_time == 90.0 and timed.max_steps == TIME_PLANNED_MAX_STEPS
+    assert timed.eval_every == 1 and not timed.progress
+    fixed = load_recipe(default_recipe_path(), training_overrides(90.0, 40)).train
+    assert not fixed.time_budgeted and fixed.max_steps == 40 and fixed.max_time == 90.0 and fixed.eval_every == 10
+    with pytest.raises(ValueError, match="budget"):
+        training_overrides(0.0)
 
 
 @pytest.mark.slow

@@ -4,15 +4,17 @@ The demo is the pretraining recipe `configs/stdlib-code.yaml` run through `gptfo
 (the one training loop) with a wall-clock budget, followed by an honest report:
 
 1. prepare the built-in `stdlib` corpus (byte-level BPE + token shards; reused when unchanged);
-2. fit the number of optimizer steps to the budget (a short timing probe of forward/backward passes),
-   so the learning-rate schedule finishes inside it; `train.max_time` is a hard stop as well;
-3. pretrain with a progress bar, writing metrics.jsonl, loss_curve.png and model/;
+2. plan the run in time (`train.max_time` with `train.time_schedule`): warmup and decay are fractions
+   of the budget and follow the speed measured during the run, evaluations take a bounded share of it,
+   and the run ends within the budget with its decay complete (see `gptforge.train.budget`);
+3. pretrain with a progress display, writing metrics.jsonl, loss_curve.png and model/;
 4. measure validation perplexity on held-out tokens next to a unigram baseline (token frequencies of
    the training split, add-one smoothed) on exactly the same tokens;
 5. complete a few code prompts with `gptforge.generate.generate`;
 6. write report.json and print the next commands.
 
-Re-running reuses the corpus and the trained model; an interrupted run resumes from its checkpoint.
+Re-running reuses the corpus and the trained model; an interrupted run resumes from its checkpoint and
+spends what is left of its budget (the seconds spent are in the checkpoint).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import json
 import logging
 import math
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -114,42 +115,25 @@ def validation_report(model: torch.nn.Module, corpus: Any, seq_len: int, batch_s
             "unigram_loss": uni_loss, "unigram_perplexity": math.exp(min(uni_loss, 50.0))}
 
 
-def seconds_per_step(recipe: Any, vocab_size: int, repeats: int = 2) -> tuple[float, float]:
-    """Timing probe: (seconds per optimizer step, seconds per evaluated token) for the recipe's model and batch.
+# A time-planned run ends by its budget; max_steps only has to be out of reach.
+TIME_PLANNED_MAX_STEPS = 1_000_000_000
 
-    Runs forward+backward passes on random tokens (no optimizer, nothing kept), so the demo can size
-    the number of steps to its budget before the real run starts.
+
+def training_overrides(budget_s: float, steps: Optional[int] = None, progress: bool = True) -> list[str]:
+    """The `train.*` settings that fit a run to `budget_s` seconds, or to exactly `steps` optimizer steps.
+
+    Without `steps` the run is planned in time: no probe before it guesses a step count; the loop
+    follows the speed it measures (warmup, decay, how often to evaluate, when to take the last step).
+    With `steps` the schedule counts steps and the budget only stops a run that is too slow.
     """
-    from .model import GPT
-    from .train.pretrain import model_config
-
-    d, cfg = recipe.data, recipe.train
-    torch.manual_seed(0)
-    model = GPT(model_config(recipe, vocab_size))
-    x = torch.randint(0, vocab_size, (d.batch_size, d.seq_len))
-    tokens_per_micro = d.batch_size * d.seq_len
-    accum = cfg.grad_accum_steps or (max(1, round(cfg.batch_tokens / tokens_per_micro)) if cfg.batch_tokens else 1)
-
-    def fwd_bwd() -> None:
-        logits = model(x)
-        F.cross_entropy(logits.reshape(-1, logits.size(-1)), x.reshape(-1)).backward()
-
-    fwd_bwd()  # warm-up: allocator and kernel selection
-    started = time.perf_counter()
-    for _ in range(repeats):
-        fwd_bwd()
-    per_micro = (time.perf_counter() - started) / repeats
-    with torch.no_grad():
-        started = time.perf_counter()
-        model(x)
-        per_eval_token = (time.perf_counter() - started) / tokens_per_micro
-    # ~10% for the optimizer step, data loading and logging on top of forward/backward.
-    return per_micro * accum * 1.1, per_eval_token
-
-
-def plan_steps(budget_s: float, step_s: float, eval_s: float, evaluations: int = 5) -> int:
-    """Optimizer steps that fit the budget after `evaluations` validation passes."""
-    return max(10, int((budget_s - evaluations * eval_s) / max(step_s, 1e-6)))
+    if not budget_s > 0:
+        raise ValueError(f"the time budget must be positive, got {budget_s} s")
+    common = [f"train.max_time={budget_s:.1f}", f"train.progress={str(progress).lower()}"]
+    if steps is not None:
+        return [f"train.max_steps={steps}", "train.time_schedule=false", f"train.eval_every={max(1, steps // 4)}",
+                *common]
+    # eval_every=1: evaluations are spaced by their measured cost (train.eval_share of the budget) alone.
+    return [f"train.max_steps={TIME_PLANNED_MAX_STEPS}", "train.time_schedule=true", "train.eval_every=1", *common]
 
 
 # ---- the demo ----------------------------------------------------------------------------------------
@@ -167,7 +151,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
     from .data.shards import load_prepared
     from .generate import generate
     from .loading import load
-    from .train.pretrain import load_recipe, prepare_data, pretrain
+    from .train.pretrain import load_recipe, prepare_data
 
     if not minutes > 0:
         raise ValueError(f"--minutes must be positive, got {minutes}")
@@ -178,19 +162,14 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
         raise FileNotFoundError(f"demo recipe not found: {recipe_path} (pass --recipe PATH to a pretraining recipe)")
     out = Path(out_dir)
     if fresh:
-        for name in RUN_FILES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        _remove_run_files(out)
     budget_s = minutes * 60.0
     state_path = out / DEMO_STATE
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
     result_path = out / "result.json"
     finished = (out / "model" / "config.json").is_file() and result_path.is_file() and \
         not json.loads(result_path.read_text(encoding="utf-8")).get("interrupted")
-    resume = not finished and (out / "checkpoints" / "latest").exists() and bool(state.get("max_steps"))
+    resume = not finished and (out / "checkpoints" / "latest").exists() and "budget_s" in state
     overrides = list(overrides)
     if (finished or resume) and state and (state.get("overrides") != overrides
                                            or state.get("recipe") != str(recipe_path)):
@@ -211,24 +190,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
     if finished:
         echo(f"[2/4] reusing the model trained earlier in {out / 'model'} (pass --fresh to train again)")
     else:
-        if resume:
-            steps = int(state["max_steps"])
-            spent = float(state.get("budget_s", budget_s)) - _elapsed(out / "metrics.jsonl")
-            budget_s = max(spent, 30.0)
-            echo(f"[2/4] resuming the interrupted run in {out} ({budget_s / 60:.1f} minutes left)")
-        elif steps is not None:
-            echo(f"[2/4] pretraining for {steps} steps (at most {minutes:g} minute(s))")
-        else:
-            step_s, eval_token_s = seconds_per_step(recipe, corpus.vocab_size)
-            eval_tokens = min(recipe.data.eval_tokens or corpus.num_tokens("val"), corpus.num_tokens("val"))
-            steps = plan_steps(budget_s, step_s, eval_tokens * eval_token_s)
-            echo(f"[2/4] pretraining for about {minutes:g} minute(s): {steps} steps at ~{step_s:.2f} s/step")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(state_path, json.dumps({"max_steps": steps, "budget_s": minutes * 60.0,
-                                                  "recipe": str(recipe_path), "overrides": overrides}))
-        timing = [f"train.max_steps={steps}", f"train.max_time={budget_s * 1.1:.1f}",
-                  f"train.eval_every={max(1, steps // 4)}", f"train.progress={str(progress).lower()}"]
-        pretrain(recipe, overrides=timing, resume=resume)
+        _train_within_budget(recipe, out, state if resume else None, steps, budget_s, minutes,
+                             (str(recipe_path), overrides), progress, echo)
     train_seconds = _elapsed(out / "metrics.jsonl")
 
     echo("[3/4] validation perplexity on held-out code (the validation split)")
@@ -259,6 +222,46 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
     atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2))
     echo(_next_steps(report))
     return report
+
+
+def _remove_run_files(out: Path) -> None:
+    """`--fresh`: delete the earlier training run in `out` (the prepared corpus stays)."""
+    for name in RUN_FILES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def _train_within_budget(recipe: Any, out: Path, state: Optional[dict[str, Any]], steps: Optional[int],
+                         budget_s: float, minutes: float, settings: tuple[str, list[str]], progress: bool,
+                         echo: Any) -> None:
+    """Pretrain (or resume) the demo run within its budget (or for `steps` steps) and say how it ended."""
+    from .train.pretrain import pretrain
+
+    if state is not None:  # resume: the same plan; the loop spends what is left of the budget
+        steps = state.get("steps", state.get("max_steps"))
+        budget_s = float(state.get("budget_s", budget_s))
+        left = max(budget_s - _elapsed(out / "metrics.jsonl"), 0.0)
+        echo(f"[2/4] resuming the interrupted run in {out} ({left / 60:.1f} of its {budget_s / 60:g} minute(s) left)")
+    elif steps is not None:
+        echo(f"[2/4] pretraining for {steps} steps (at most {minutes:g} minute(s))")
+    else:
+        echo(f"[2/4] pretraining for {minutes:g} minute(s): warmup, decay and evaluations follow the measured speed")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / DEMO_STATE, json.dumps({"steps": steps, "budget_s": budget_s, "recipe": settings[0],
+                                                    "overrides": settings[1]}))
+    pretrain(recipe, overrides=training_overrides(budget_s, steps, progress), resume=state is not None)
+    result_path = out / "result.json"
+    result = json.loads(result_path.read_text(encoding="utf-8")) if result_path.is_file() else {}
+    if result:
+        ending = ("the time budget ended it, with the learning-rate decay complete" if result.get("out_of_time")
+                  and steps is None else "train.max_time cut it short" if result.get("out_of_time") else
+                  "interrupted: run the same command again to resume" if result.get("interrupted") else
+                  "all steps done")
+        echo(f"      {result.get('steps', 0):,} steps, {result.get('tokens', 0):,} tokens in "
+             f"{result.get('elapsed_s', 0.0):.0f} s of {budget_s:.0f} s ({ending})")
 
 
 def _elapsed(metrics_path: Path) -> float:
@@ -309,5 +312,5 @@ def _next_steps(report: DemoReport) -> str:
     ])
 
 
-__all__ = ["DemoReport", "run_demo", "unigram_log_probs", "validation_report", "seconds_per_step", "plan_steps",
+__all__ = ["DemoReport", "run_demo", "unigram_log_probs", "validation_report", "training_overrides",
            "default_recipe_path", "DEFAULT_PROMPTS"]

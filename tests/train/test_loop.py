@@ -13,7 +13,7 @@ import torch
 from gptforge.checkpoint import CheckpointError
 from gptforge.config import Config
 from gptforge.model import GPT
-from gptforge.train import loop as loop_module
+from gptforge.train import checkpointing as checkpointing_module
 from gptforge.train.loop import TrainConfig, latest_checkpoint, train
 from gptforge.train.metrics import read_metrics
 from gptforge.loading import load_model
@@ -116,7 +116,7 @@ def test_failed_checkpoint_write_keeps_the_previous_latest(tmp_path, monkeypatch
     assert latest_checkpoint(run).name == "step-00000002"
 
     calls = {"n": 0}
-    real_save_state = loop_module.save_state
+    real_save_state = checkpointing_module.save_state
 
     def crash_midway(state, directory, name):
         calls["n"] += 1
@@ -124,7 +124,7 @@ def test_failed_checkpoint_write_keeps_the_previous_latest(tmp_path, monkeypatch
             raise OSError("disk full (simulated)")
         return real_save_state(state, directory, name)
 
-    monkeypatch.setattr(loop_module, "save_state", crash_midway)
+    monkeypatch.setattr(checkpointing_module, "save_state", crash_midway)
     with pytest.raises(OSError, match="simulated"):
         train(tiny_model(), quick_cfg(max_steps=4, checkpoint_every=2), RandomSource(), run, resume=True)
     assert latest_checkpoint(run).name == "step-00000002"

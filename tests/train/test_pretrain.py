@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from gptforge.config import ConfigError
+from gptforge.model import GPT
 from gptforge.train.metrics import read_metrics
 from gptforge.train.pretrain import load_recipe, model_config, pretrain
 from gptforge.loading import load, load_model
@@ -139,3 +140,27 @@ def test_ddp_and_fsdp_two_processes_match_one_process_with_accumulation(tmp_path
     single_logits = load_model(tmp_path / "single" / "model")(x)
     fsdp_logits = load_model(tmp_path / "fsdp" / "model")(x)
     assert torch.allclose(single_logits, fsdp_logits, atol=1e-3)
+
+
+def test_a_time_budget_sizes_validation_to_its_share(tmp_path):
+    """Under train.max_time the first evaluation measures the model and caps data.eval_tokens to fit eval_share."""
+    from gptforge.train import distributed as D
+    from gptforge.train.loop import TrainConfig
+    from gptforge.train.pretrain import ValidationLoss, prepare_data, recipe_from_dict
+
+    recipe = recipe_from_dict(tiny_recipe(tmp_path))
+    corpus = prepare_data(recipe, progress=False)
+    model = GPT(model_config(recipe, corpus.vocab_size)).eval()
+    info = D.DistInfo()
+    one_batch = recipe.data.seq_len * recipe.data.batch_size
+
+    tight = ValidationLoss(corpus, recipe.data, TrainConfig(max_time=0.01, eval_share=0.05), info)
+    with torch.no_grad():
+        first = tight(model)
+        assert tight.max_tokens == one_batch  # never less than one batch
+        assert tight(model) == first  # later evaluations read the same windows
+    roomy = ValidationLoss(corpus, recipe.data, TrainConfig(max_time=1e7), info)
+    steps = ValidationLoss(corpus, recipe.data, TrainConfig(max_time=0.01, time_schedule=False), info)
+    with torch.no_grad():
+        roomy(model), steps(model)
+    assert roomy.max_tokens == steps.max_tokens == recipe.data.eval_tokens

@@ -279,9 +279,9 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
         n_docs = n_chars = 0
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from ..progress import Progress
 
-            bar = tqdm(total=corpus.input_bytes(), unit="B", unit_scale=True, desc="tokenize", dynamic_ncols=True)
+            bar = Progress(corpus.input_bytes(), desc="tokenize", unit="B", unit_scale=True)
         chunk = (1 << 20) if tok.kind == "char" else None
         char_table = _CharTable(tok) if tok.kind == "char" else None
         first_doc = True

@@ -17,7 +17,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tqdm.auto import tqdm
+from ..progress import Progress
 
 from ..loading import load
 from .scoring import context_length, prefix_token_id, score_continuations
@@ -102,7 +102,7 @@ class GPTForgeLM(TemplateLM):
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any
                               ) -> list[tuple[float, bool]]:
         pairs = [(context, continuation) for _, context, continuation in requests]
-        bar = tqdm(total=len(pairs), desc="loglikelihood", disable=disable_tqdm, dynamic_ncols=True)
+        bar = Progress(len(pairs), desc="loglikelihood", unit="request", enabled=not disable_tqdm)
         scores = score_continuations(self.model, pairs, batch_size=self.batch_size_per_gpu,
                                      max_length=self.max_length, on_batch=lambda n, _t: bar.update(n))
         bar.close()
@@ -124,7 +124,7 @@ class GPTForgeLM(TemplateLM):
             for context, continuation in map(make_disjoint_window, windows):
                 pairs.append((context, continuation))
                 owners.append(index)
-        bar = tqdm(total=len(pairs), desc="loglikelihood_rolling", disable=disable_tqdm, dynamic_ncols=True)
+        bar = Progress(len(pairs), desc="loglikelihood_rolling", unit="window", enabled=not disable_tqdm)
         scores = score_continuations(self.model, pairs, batch_size=self.batch_size_per_gpu,
                                      max_length=self.max_length, on_batch=lambda n, _t: bar.update(n))
         bar.close()
@@ -144,7 +144,7 @@ class GPTForgeLM(TemplateLM):
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
-        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm, dynamic_ncols=True)
+        bar = Progress(len(requests), desc="generate_until", unit="request", enabled=not disable_tqdm)
         for indices in groups.values():
             kwargs = dict(requests[indices[0]].args[1])
             until = kwargs.pop("until", None) or []

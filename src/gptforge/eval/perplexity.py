@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
-from tqdm.auto import tqdm
+from ..progress import Progress
 
 from .scoring import context_length, prefix_token_id, score_continuations
 
@@ -79,8 +79,7 @@ def perplexity_of_tokens(model: "GPT", token_ids: Sequence[int], *, max_length: 
     pairs = [(token_ids[b:s], token_ids[s:e]) for b, s, e in windows]
     nll_sum = 0.0
     scored = 0
-    bar = tqdm(total=sum(e - s for _, s, e in windows), unit="tok", desc=f"perplexity {source}",
-               disable=not progress, dynamic_ncols=True)
+    bar = Progress(sum(e - s for _, s, e in windows), desc=f"perplexity {source}", unit="tok", enabled=progress)
     # Chunks keep the (sorted) request list bounded for long shards while batches stay full.
     chunk = batch_size * 64
     for start in range(0, len(pairs), chunk):

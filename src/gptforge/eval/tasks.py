@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from tqdm.auto import tqdm
+from ..progress import Progress
 
 from ..data.records import iter_jsonl
 from ..errors import DataError
@@ -247,7 +247,7 @@ def evaluate_choices(model: "GPT", tokenizer: "Tokenizer", examples: Sequence[Ta
         for choice in example.choices:
             pairs.append(encode_pair(tokenizer, prompt, TARGET_DELIMITER + choice))
             owners.append(index)
-    bar = tqdm(total=len(pairs), unit="choice", desc="scoring choices", disable=not progress, dynamic_ncols=True)
+    bar = Progress(len(pairs), desc="scoring choices", unit="choice", enabled=progress)
     scores = score_continuations(model, pairs, batch_size=batch_size, max_length=max_length,
                                  on_batch=lambda n, _tokens: bar.update(n))
     bar.close()
@@ -276,7 +276,7 @@ def generate_texts(model: "GPT", tokenizer: "Tokenizer", prompts: Sequence[str],
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model context "
                          f"(block_size={model.config.block_size})")
     texts: list[str] = []
-    bar = tqdm(total=len(prompts), unit="prompt", desc="generating", disable=not progress, dynamic_ncols=True)
+    bar = Progress(len(prompts), desc="generating", unit="prompt", enabled=progress)
     for start in range(0, len(prompts), batch_size):
         ids = [tokenizer.encode(p)[-room:] for p in prompts[start:start + batch_size]]
         outputs = generate(model, ids, tokenizer=tokenizer, max_new_tokens=max_new_tokens, do_sample=False,

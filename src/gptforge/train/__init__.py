@@ -1,4 +1,5 @@
-"""Training: the one loop (`loop.train`), schedules, AdamW, distributed wrappers and the pretraining recipe.
+"""Training: the one loop (`loop.train`; its parts in state, checkpointing, budget), schedules, AdamW, distributed
+wrappers and the pretraining recipe.
 
 Submodules are imported on use, so importing one does not pull in the rest.
 """
@@ -8,8 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"TrainConfig": "loop", "TrainResult": "loop", "train": "loop", "pretrain": "pretrain",
-            "Recipe": "pretrain", "load_recipe": "pretrain"}
+_EXPORTS = {"TrainConfig": "loop", "TrainResult": "loop", "train": "loop", "TrainState": "state",
+            "pretrain": "pretrain", "Recipe": "pretrain", "load_recipe": "pretrain"}
 
 
 def __getattr__(name: str) -> Any:

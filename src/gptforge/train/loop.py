@@ -19,29 +19,32 @@ without a tokenizer; pretraining passes one that adds it, LoRA one that saves ad
 Only parameters with `requires_grad` are optimized.
 
 The run folder gets:
-    metrics.jsonl          one record per step (loss, lr, grad_norm, tokens, tokens_per_s, mfu)
-                           and per evaluation (the evaluate() keys)
+    metrics.jsonl          one record per step (loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s, mfu;
+                           progress in a time-budgeted run) and per evaluation (the evaluate() keys)
     loss_curve.png         train and eval losses
-    checkpoints/step-N/    model.safetensors, optimizer.*, trainer.* (step, schedule, best metric,
-                           per-rank RNG and data position), config.json; written with
-                           `atomic_directory`, so a kill mid-write leaves the previous one intact
+    checkpoints/step-N/    see `checkpointing` (model, optimizer, TrainState, RNG, data position, config)
     checkpoints/latest     name of the newest complete checkpoint (replaced by atomic rename)
     model/                 the final model (gptforge.load loads it); best/ the best by the metric
 
 `resume=True` continues exactly from `checkpoints/latest`: the per-step losses equal those of a run
 that was never interrupted (same world size, same config). Ctrl-C or SIGTERM stops at the next step
 boundary, writes a checkpoint and the model, and returns with `result.interrupted = True`.
+
+With `max_time` (and `time_schedule`, the default) the run is planned in seconds: see `budget`. Its
+resume continues the budget where the checkpoint left it (the seconds spent are in the checkpoint), so
+a resumed run ends when the whole budget is spent; it is not bit-exact, since step times differ.
+
+The parts, as in torchtitan's trainer: `TrainState` (counters a checkpoint carries), `RunCheckpointer`
+(save / load / prune / latest), `Trainer.train_step` (one optimizer step over the micro-batches),
+`Trainer.evaluate` (evaluation, best/ and early stopping) and `TimeBudget` (time-budgeted planning).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
-import re
-import shutil
 import signal
 import threading
 import time
@@ -54,13 +57,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..atomic import atomic_directory, atomic_write_text
-from ..checkpoint import (CheckpointError, capture_rng_state, load_state, load_tensors, restore_rng_state,
-                          save_state, save_tensors)
 from . import distributed as D
-from .metrics import MetricsLogger, ProgressBar, estimate_peak_flops, plot_loss_curve
+from .budget import TimeBudget
+from .checkpointing import CHECKPOINT_DIR, LATEST, RunCheckpointer, latest_checkpoint, write_model_folder
+from .metrics import MetricsLogger, ProgressBar, estimate_peak_flops, import_plotting, plot_loss_curve
 from .optim import build_optimizer
 from .schedule import LRSchedule
+from .state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +85,12 @@ class BatchSource(Protocol):
 class TrainConfig:
     """Optimization, evaluation and checkpointing settings (the `train:` section of a recipe)."""
 
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 1000  # optimizer steps (with max_time: an upper bound)
     lr: float = 3e-4
     schedule: str = "cosine"  # cosine | wsd | linear | constant
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    decay_fraction: float = 0.2  # wsd: share of steps spent in the final decay
+    decay_fraction: float = 0.2  # wsd: share of steps (or of the time budget) spent in the final decay
     weight_decay: float = 0.1  # on weight matrices only
     beta1: float = 0.9
     beta2: float = 0.95
@@ -110,13 +113,20 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between resumable checkpoints (0: only at exit)
     keep_checkpoints: int = 2  # newest step-N folders kept
     log_every: int = 1  # steps between metrics records
-    max_time: float = 0.0  # wall-clock budget in seconds, final evaluation included (0: none)
-    # With max_time set, the lr schedule can follow elapsed time as well as steps,
-    time_schedule: bool = False  # so the decay completes inside the budget (resume is then not bit-exact)
-    progress: bool = True  # tqdm bar on rank 0
+    max_time: float = 0.0  # wall-clock budget of the whole run in seconds, across resumes (0: none)
+    # With max_time: plan the run in time (lr schedule, evaluations, the last step follow measured speed);
+    time_schedule: bool = True  # false: max_time is only a hard stop for a step-based run
+    warmup_fraction: float = 0.05  # time budget: warmup share (ends earlier if warmup_steps come first)
+    eval_share: float = 0.05  # time budget: most of it that evaluations may take (eval_every: min spacing)
+    progress: bool = True  # progress display on rank 0 (a bar on a terminal, periodic lines in logs)
     peak_flops: float = 0.0  # device peak FLOP/s for MFU (0: estimate)
     tensorboard: bool = False
     wandb_project: Optional[str] = None
+
+    @property
+    def time_budgeted(self) -> bool:
+        """Whether the run is planned in seconds (max_time set and time_schedule on)."""
+        return self.max_time > 0 and self.time_schedule
 
     def validate(self) -> None:
         """Raise ValueError naming the field when a setting is out of range."""
@@ -133,6 +143,9 @@ class TrainConfig:
         for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {value!r}")
+        for name, value in {"warmup_fraction": self.warmup_fraction, "eval_share": self.eval_share}.items():
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"train.{name} must be in [0, 1), got {value!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"train.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.early_stopping_mode not in ("min", "max"):
@@ -158,40 +171,20 @@ class TrainResult:
     model_dir: Optional[Path] = None
     best_dir: Optional[Path] = None
     losses: list[float] = field(default_factory=list)  # per step, this session only
+    out_of_time: bool = False  # max_time ended the run before max_steps
+    elapsed_s: float = 0.0  # wall-clock seconds of the run (all sessions)
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------
+@dataclass
+class StepOutput:
+    """What one optimizer step measured (global over ranks)."""
 
-CHECKPOINT_DIR = "checkpoints"
-LATEST = "latest"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+    loss: float  # mean loss per target token
+    grad_norm: float  # before clipping (nan when clipping is off)
+    tokens: int  # input tokens of the step
+    seq_len: int
+    stop_votes: float  # ranks that asked to stop (reduced together with the loss)
 
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    """The newest complete checkpoint folder of a run, or None."""
-    ckpt_root = Path(run_dir) / CHECKPOINT_DIR
-    pointer = ckpt_root / LATEST
-    if not pointer.is_file():
-        return None
-    name = pointer.read_text(encoding="utf-8").strip()
-    path = ckpt_root / name
-    if not _STEP_DIR.match(name) or not (path / "trainer.json").is_file():
-        raise CheckpointError(f"{pointer} names {name!r}, which is not a complete checkpoint folder")
-    return path
-
-
-def _prune_checkpoints(ckpt_root: Path, keep: int, protect: Path) -> None:
-    steps = sorted((int(m.group(1)), p) for p in ckpt_root.iterdir()
-                   if p.is_dir() and (m := _STEP_DIR.match(p.name)))
-    for _, path in steps[:-keep]:
-        if path != protect:
-            shutil.rmtree(path, ignore_errors=True)
-    # Leftovers of writes killed mid-way (atomic_directory temp folders) are garbage.
-    for path in ckpt_root.glob(".step-*"):
-        shutil.rmtree(path, ignore_errors=True)
-
-
-# ---- the loop ------------------------------------------------------------------------------------
 
 class _StopFlag:
     """First Ctrl-C / SIGTERM asks for a clean stop at the next step boundary; a second one interrupts."""
@@ -233,6 +226,7 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dt
 
 
 def _default_save_model(model: nn.Module, directory: Path) -> None:
+    """Write `model` as a model folder (no tokenizer: callers that have one pass their own save_model)."""
     from ..loading import save
     from ..model import GPT
 
@@ -253,6 +247,351 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class Trainer:
+    """One run of `train`: setup, then `train_step` / `evaluate` / checkpoints over a `TrainState`."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, source: BatchSource, run_dir: Path, *,
+                 evaluate: Optional[Callable[[nn.Module], dict[str, float]]],
+                 save_model: Callable[[nn.Module, Path], None], resume: bool,
+                 run_config: Optional[dict[str, Any]]) -> None:
+        self.clock = time.perf_counter()  # the budget counts setup too
+        cfg.validate()
+        self.cfg, self.source, self.run_dir = cfg, source, run_dir
+        self.evaluate_fn, self.save_model = evaluate, save_model
+        self.info = info = D.init_distributed(cfg.device)
+        start = self._resume_point(resume)
+        self._setup_model(model)
+        self.optimizer = build_optimizer(self.bare, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
+                                         cfg.fused_adamw)
+        self.schedule = LRSchedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
+                                   cfg.decay_fraction)
+        self.state = TrainState(grad_accum_steps=cfg.grad_accum_steps)
+        self.checkpointer = RunCheckpointer(
+            run_dir, state=self.state, model=self.model_for_step, optimizer=self.optimizer, schedule=self.schedule,
+            source=source, info=info, keep=cfg.keep_checkpoints,
+            config={"train": dataclasses.asdict(cfg), "run": run_config or {}})
+        self.resumed = start is not None
+        if start is not None:
+            self.checkpointer.load(start)
+            if info.is_main:
+                log.info("resumed from %s (step %d)", start, self.state.step)
+        else:
+            _set_seed(cfg.seed + info.rank)
+        self.elapsed_before = self.state.elapsed_s
+        self.budget = self._make_budget() if cfg.time_budgeted else None
+        self.logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
+                                    wandb_project=cfg.wandb_project, config=dataclasses.asdict(cfg))
+        if info.is_main:
+            if self.resumed:
+                self.logger.truncate_after(self.state.step)
+            else:  # a fresh start (also a resume that found no checkpoint): the log starts over
+                self.logger.path.unlink(missing_ok=True)
+        self.pending = self._derive_accumulation()
+        self.result = TrainResult(run_dir=run_dir, steps=self.state.step, tokens=self.state.tokens,
+                                  best_metric=self.state.best_metric, best_step=self.state.best_step)
+        self.bar = self._make_bar()
+        self.last_eval_step = self.state.step if self.resumed else -1
+        self.last_eval_seconds = self.state.last_eval_s  # a hard stop (max_time without time_schedule) keeps room
+
+    # ---- setup ---------------------------------------------------------------------------------------
+
+    def _resume_point(self, resume: bool) -> Optional[Path]:
+        """The checkpoint to continue from; refuses to overwrite a run that has checkpoints."""
+        run_dir = self.run_dir
+        if not resume and (run_dir / CHECKPOINT_DIR / LATEST).exists():
+            raise ValueError(f"run folder {run_dir} already has checkpoints; pass resume=True (--resume) to continue "
+                             "it, or choose another output folder")
+        start = latest_checkpoint(run_dir) if resume else None
+        if resume and start is None and self.info.is_main:
+            log.warning("resume requested but %s has no checkpoint yet; starting from step 0", run_dir)
+        return start
+
+    def _setup_model(self, model: nn.Module) -> None:
+        """Move to the device, wrap for DDP/FSDP (and compile); pick the autocast dtype."""
+        cfg, info = self.cfg, self.info
+        self.device = info.device
+        model.to(self.device)
+        self.bare = model
+        self.model_for_step = D.wrap_model(model, info, "ddp" if cfg.parallel == "auto" else cfg.parallel)
+        self.fsdp = D.is_fsdp(model)
+        self.ddp = self.model_for_step if isinstance(self.model_for_step, nn.parallel.DistributedDataParallel) else None
+        if cfg.compile:
+            self.model_for_step = torch.compile(self.model_for_step)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.amp_dtype = _autocast_dtype(cfg, self.device)
+
+    def _make_budget(self) -> TimeBudget:
+        state = self.state
+        # Model and two AdamW moments: what the final checkpoint writes, until one was measured.
+        checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in self.bare.parameters())
+        return TimeBudget(self.cfg.max_time, self.cfg.eval_share, spent=state.elapsed_s, eval_spent=state.eval_s,
+                          progress=state.progress, checkpoint_bytes=checkpoint_bytes, last_eval_s=state.last_eval_s,
+                          origin=state.start_s, started=self.clock)
+
+    def _derive_accumulation(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Fix micro-batches per step from train.batch_tokens and the first batch's shape (kept for step 1)."""
+        cfg, info, state = self.cfg, self.info, self.state
+        if state.grad_accum_steps > 0:
+            return []
+        first = self.source.next_batch()
+        per_micro = first[0].numel() * info.world_size
+        accum = max(1, round(cfg.batch_tokens / per_micro)) if cfg.batch_tokens else 1
+        if cfg.batch_tokens and accum * per_micro != cfg.batch_tokens and info.is_main:
+            log.warning("train.batch_tokens=%d is not a multiple of %d tokens per micro-step; using %d "
+                        "micro-batches (%d tokens per step)", cfg.batch_tokens, per_micro, accum, accum * per_micro)
+        state.grad_accum_steps = accum
+        return [first]
+
+    def _make_bar(self) -> ProgressBar:
+        cfg, info = self.cfg, self.info
+        peak = cfg.peak_flops or estimate_peak_flops(self.device)
+        enabled = cfg.progress and info.is_main
+        if self.budget is not None:  # a time budget: the bar counts seconds of it
+            return ProgressBar(int(cfg.max_time), int(self.elapsed()), enabled, 0.0, peak, info.is_main, unit="s")
+        return ProgressBar(cfg.max_steps, self.state.step, enabled, 0.0, peak, info.is_main)
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds of the run, earlier sessions included."""
+        return self.elapsed_before + time.perf_counter() - self.clock
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The training autocast context (a no-op in fp32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # ---- the parts ---------------------------------------------------------------------------------
+
+    def next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches for one step, on the device."""
+        batches = self.pending + [self.source.next_batch()
+                                  for _ in range(self.state.grad_accum_steps - len(self.pending))]
+        self.pending = []
+        return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in batches]
+
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], stop_requested: bool = False) -> StepOutput:
+        """One optimizer step over `batches`: gradients of the summed token losses over the global token count."""
+        info = self.info
+        local_count = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+        global_count = D.all_reduce_sum([float(local_count)], info)[0]
+        # Sum-of-token-losses over the global count: equal to one process with more accumulation,
+        # also when batches carry different numbers of ignored (-100) labels.
+        scale = info.world_size / max(global_count, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, (x, y) in enumerate(batches):
+            # DDP all-reduces gradients on the last micro-batch only.
+            sync = self.ddp is None or i == len(batches) - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with self.autocast():
+                    logits = self.model_for_step(x)
+                token_loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+                (token_loss * scale).backward()
+            loss_sum += token_loss.detach().double()
+        grad_norm = float("nan")
+        if self.cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_tokens = int(D.all_reduce_sum([float(sum(x.numel() for x, _ in batches))], info)[0])
+        total, stop_votes = D.all_reduce_sum([float(loss_sum), float(stop_requested)], info)
+        loss = total / max(global_count, 1.0)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} at step {self.state.step + 1}; lower train.lr or "
+                                     "check the data")
+        return StepOutput(loss, grad_norm, step_tokens, batches[0][0].shape[1], stop_votes)
+
+    def plan_step(self) -> tuple[float, bool]:
+        """Set the coming step's learning rate; returns it and whether this step is the run's last."""
+        cfg, state, budget = self.cfg, self.state, self.budget
+        last = state.step + 1 >= cfg.max_steps
+        if budget is None:
+            return self.schedule.apply(self.optimizer, state.step), last
+        budget.begin_training()
+        state.start_s = budget.origin
+        progress = 1.0
+        if self.info.is_main:  # rank 0's clock decides for everyone
+            last = last or budget.last_step_due()
+            progress = 1.0 if last else max(budget.progress(), state.step / max(cfg.max_steps - 1, 1))
+        progress, last = D.broadcast_object((progress, last), self.info)
+        if last:
+            budget.finish()
+        state.progress = progress
+        lr = self.schedule.lr_at_progress(progress, state.step, cfg.warmup_fraction)
+        return self.schedule.apply(self.optimizer, state.step, lr=lr), last
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate the bare model (eval mode, no grad, training autocast); log it, keep best/, count bad evals."""
+        self.last_eval_step = self.state.step
+        if self.evaluate_fn is None:
+            return {}
+        started = time.perf_counter()
+        was_training = self.bare.training
+        self.bare.eval()
+        with torch.no_grad(), self.autocast():
+            metrics = {k: float(v) for k, v in self.evaluate_fn(self.bare).items()}
+        self.bare.train(was_training)
+        self.result.metrics = metrics
+        self.logger.log({"step": self.state.step, **metrics})
+        self.bar.write(f"step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        seconds = time.perf_counter() - started
+        self.last_eval_seconds = self.state.last_eval_s = seconds
+        wrote = self._book_evaluation(metrics)
+        if self.budget is not None:
+            self.budget.record_eval(seconds)
+            if wrote:
+                self.budget.record_model_write(time.perf_counter() - started - seconds)
+            self.state.eval_s = self.budget.eval_spent
+        return metrics
+
+    def _book_evaluation(self, metrics: dict[str, float]) -> bool:
+        """best/ and early stopping: track the watched metric; write best/ on an improvement (returns True)."""
+        cfg = self.cfg
+        value = metrics.get(cfg.early_stopping_metric)
+        if value is None:
+            if cfg.early_stopping_patience or cfg.save_best:
+                log.debug("evaluate() returned no %r; best/ and early stopping skip this evaluation",
+                          cfg.early_stopping_metric)
+            return False
+        if self.state.record_eval(value, cfg.early_stopping_mode, cfg.early_stopping_min_delta) and cfg.save_best:
+            write_model_folder(self.bare, self.run_dir / "best", self.save_model, self.info, self.fsdp)
+            self.result.best_dir = self.run_dir / "best"
+            return True
+        return False
+
+    def draw_loss_curve(self) -> None:
+        """loss_curve.png from metrics.jsonl (rank 0)."""
+        if self.info.is_main:
+            plot_loss_curve(self.logger.path, self.run_dir / "loss_curve.png", title=f"{self.run_dir.name}: loss")
+
+    def checkpoint(self) -> None:
+        """Write a resumable checkpoint of the current state."""
+        started = time.perf_counter()
+        self.state.elapsed_s = self.elapsed()
+        self.checkpointer.save()
+        if self.budget is not None:
+            self.budget.record_save(time.perf_counter() - started)
+
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train until max_steps, the time budget, early stopping or a stop request; then finish the run."""
+        cfg, state = self.cfg, self.state
+        self.model_for_step.train()
+        try:
+            with _StopFlag() as stop:
+                if self._initial_evaluation_due():
+                    self.evaluate()  # the loss of the initial model, the curve's first point
+                if self.budget is not None and self.info.is_main:
+                    import_plotting()  # a timed run pays matplotlib's import now, not in its final seconds
+                # A time-budgeted run whose final step is done (progress 1.0) trains no further on resume.
+                while state.step < cfg.max_steps and (self.budget is None or state.progress < 1.0):
+                    started = time.perf_counter()
+                    lr, last = self.plan_step()
+                    out = self.train_step(self.next_batches(), stop.requested)
+                    self._book_step(out, lr, started)
+                    if self._between_steps(out, last):
+                        break
+        except KeyboardInterrupt:
+            # A second Ctrl-C: the step in flight is lost, the last complete checkpoint stays valid.
+            self.result.interrupted = True
+            self.bar.close()
+            self.logger.close()
+            raise
+        return self.finish()
+
+    def _initial_evaluation_due(self) -> bool:
+        if self.resumed or self.state.step != 0:
+            return False
+        # A time budget evaluates at the start as well: it measures what an evaluation costs.
+        return bool(self.cfg.eval_every) or (self.budget is not None and self.evaluate_fn is not None)
+
+    def _book_step(self, out: StepOutput, lr: float, started: float) -> None:
+        """Count the step, log it and move the bar."""
+        cfg, state = self.cfg, self.state
+        state.step += 1
+        state.tokens += out.tokens
+        self.result.losses.append(out.loss)
+        self.result.steps, self.result.tokens, self.result.last_loss = state.step, state.tokens, out.loss
+        dt = time.perf_counter() - started
+        tps = out.tokens / max(dt, 1e-9)
+        config = getattr(self.bare, "config", None)
+        if config is not None and hasattr(config, "flops_per_token"):
+            self.bar.flops_per_token = config.flops_per_token(out.seq_len) / max(self.info.world_size, 1)
+        position = int(self.elapsed()) if self.budget is not None else None
+        mfu = self.bar.update(out.loss, tps / max(self.info.world_size, 1), lr, position=position, step=state.step)
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            record = {"step": state.step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
+                      "tokens": state.tokens, "tokens_per_s": tps, "elapsed_s": self.elapsed()}
+            if mfu is not None:
+                record["mfu"] = mfu
+            if self.budget is not None:
+                record["progress"] = state.progress
+            self.logger.log(record)
+        if self.budget is not None:
+            self.budget.record_step(time.perf_counter() - started)
+
+    def _between_steps(self, out: StepOutput, last: bool) -> bool:
+        """Evaluate and checkpoint when due; True when the run should stop now."""
+        cfg, state, result = self.cfg, self.state, self.result
+        eval_due, checkpoint_fits = last, True
+        if self.budget is not None:
+            spaced = bool(cfg.eval_every) and state.step - self.last_eval_step >= cfg.eval_every
+            if self.info.is_main:
+                eval_due = last or (spaced and self.budget.eval_due())
+                checkpoint_fits = self.budget.checkpoint_fits()
+            eval_due, checkpoint_fits = D.broadcast_object((eval_due, checkpoint_fits), self.info)
+        elif cfg.eval_every and state.step % cfg.eval_every == 0:
+            eval_due = True
+        if eval_due:
+            self.evaluate()
+            if cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience:
+                result.stopped_early = True
+                self.bar.write(f"early stopping at step {state.step}: {cfg.early_stopping_metric} has not improved "
+                               f"for {state.bad_evals} evaluations (best {state.best_metric:.4f} at step "
+                               f"{state.best_step})")
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and checkpoint_fits:
+            self.checkpoint()
+        if out.stop_votes > 0:
+            result.interrupted = True
+        if self.budget is not None:
+            result.out_of_time = last and state.step < cfg.max_steps
+        elif cfg.max_time:  # a hard stop: keep room for the final evaluation
+            result.out_of_time = bool(D.broadcast_object(
+                self.elapsed() + self.last_eval_seconds >= cfg.max_time, self.info)) and state.step < cfg.max_steps
+        return last or result.stopped_early or result.interrupted or result.out_of_time
+
+    def finish(self) -> TrainResult:
+        """Final evaluation and checkpoint, model/, the loss curve; says how the run ended."""
+        state, result, info = self.state, self.result, self.info
+        if self.last_eval_step != state.step and not result.interrupted:
+            self.evaluate()  # out of time: the final model gets its evaluation (an interrupted run resumes instead)
+        if self.checkpointer.last_saved_step != state.step:
+            self.checkpoint()
+        write_model_folder(self.bare, self.run_dir / "model", self.save_model, info, self.fsdp)
+        result.model_dir = self.run_dir / "model"
+        result.best_metric, result.best_step = state.best_metric, state.best_step
+        self.draw_loss_curve()
+        result.elapsed_s = self.elapsed()
+        self.bar.close(position=int(result.elapsed_s) if self.budget is not None else None)
+        if result.out_of_time:
+            self.bar.write(self._budget_summary())
+        self.logger.close()
+        D.barrier(info)
+        return result
+
+    def _budget_summary(self) -> str:
+        """One sentence on how the time budget ended the run."""
+        cfg, state = self.cfg, self.state
+        done = (f"{state.step:,} steps (train.max_steps {cfg.max_steps:,} not reached), {state.tokens:,} tokens, "
+                f"{self.result.elapsed_s:.0f} s of the {cfg.max_time:.0f} s budget")
+        if self.budget is not None:
+            return (f"time budget used: trained {done}; the learning rate decayed to its final value "
+                    f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        return (f"train.max_time cut training short after {done}; the learning-rate schedule had not finished "
+                "(time_schedule: true plans the schedule in time)")
+
+
 def train(model: nn.Module, cfg: TrainConfig, train_source: BatchSource, out_dir: str | Path, *,
           evaluate: Optional[Callable[[nn.Module], dict[str, float]]] = None,
           save_model: Optional[Callable[[nn.Module, Path], None]] = None,
@@ -262,273 +601,10 @@ def train(model: nn.Module, cfg: TrainConfig, train_source: BatchSource, out_dir
     Returns a `TrainResult`. See the module docstring for the batch-source protocol, the run folder
     layout and the resume guarantee. `run_config` (e.g. the recipe) is stored in each checkpoint.
     """
-    cfg.validate()
-    run_dir = Path(out_dir)
-    info = D.init_distributed(cfg.device)
-    save_model = save_model or _default_save_model
-    ckpt_root = run_dir / CHECKPOINT_DIR
-    start_ckpt = latest_checkpoint(run_dir) if resume else None
-    if not resume and (ckpt_root / LATEST).exists():
-        raise ValueError(f"run folder {run_dir} already has checkpoints; pass resume=True (--resume) to continue "
-                         "it, or choose another output folder")
-    if resume and start_ckpt is None and info.is_main:
-        log.warning("resume requested but %s has no checkpoint yet; starting from step 0", run_dir)
-
-    device = info.device
-    model.to(device)
-    bare = model
-    model_for_step = D.wrap_model(model, info, "ddp" if cfg.parallel == "auto" else cfg.parallel)
-    fsdp = D.is_fsdp(bare)
-    ddp = model_for_step if isinstance(model_for_step, nn.parallel.DistributedDataParallel) else None
-    if cfg.compile:
-        model_for_step = torch.compile(model_for_step)
-    optimizer = build_optimizer(bare, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, cfg.fused_adamw)
-    schedule = LRSchedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
-    params = [p for p in bare.parameters() if p.requires_grad]
-    amp_dtype = _autocast_dtype(cfg, device)
-
-    def autocast() -> contextlib.AbstractContextManager:
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-    # ---- state that a checkpoint carries ----
-    step, tokens_seen, accum = 0, 0, cfg.grad_accum_steps
-    best_metric: Optional[float] = None
-    best_step: Optional[int] = None
-    bad_evals = 0
-    if start_ckpt is not None:
-        step, tokens_seen, accum, best_metric, best_step, bad_evals = _load_checkpoint(
-            start_ckpt, model_for_step, optimizer, schedule, train_source, info)
-        if info.is_main:
-            log.info("resumed from %s (step %d)", start_ckpt, step)
-    else:
-        _set_seed(cfg.seed + info.rank)
-
-    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
-                           wandb_project=cfg.wandb_project, config=dataclasses.asdict(cfg))
-    if info.is_main:
-        if start_ckpt is not None:
-            logger.truncate_after(step)
-        else:  # a fresh start (also a resume that found no checkpoint): the log starts over
-            logger.path.unlink(missing_ok=True)
-
-    # Micro-batches per step: fixed, or derived from the target tokens and the first batch's shape.
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if accum <= 0:
-        first = train_source.next_batch()
-        pending.append(first)
-        per_micro = first[0].numel() * info.world_size
-        accum = max(1, round(cfg.batch_tokens / per_micro)) if cfg.batch_tokens else 1
-        if cfg.batch_tokens and accum * per_micro != cfg.batch_tokens and info.is_main:
-            log.warning("train.batch_tokens=%d is not a multiple of %d tokens per micro-step; using %d "
-                        "micro-batches (%d tokens per step)", cfg.batch_tokens, per_micro, accum, accum * per_micro)
-
-    config = getattr(bare, "config", None)
-    peak = cfg.peak_flops or estimate_peak_flops(device)
-    result = TrainResult(run_dir=run_dir, steps=step, tokens=tokens_seen, best_metric=best_metric, best_step=best_step)
-    bar = ProgressBar(cfg.max_steps, step, cfg.progress and info.is_main, 0.0, peak, info.is_main)
-    started = time.perf_counter()
-    last_eval_step = step if start_ckpt is not None else -1
-    last_ckpt_step = step if start_ckpt is not None else -1
-
-    eval_seconds = 0.0  # duration of the last evaluation: a time budget keeps room for the final one
-
-    def run_eval() -> dict[str, float]:
-        nonlocal best_metric, best_step, bad_evals, last_eval_step, eval_seconds
-        last_eval_step = step
-        if evaluate is None:
-            return {}
-        was_training = bare.training
-        bare.eval()
-        eval_start = time.perf_counter()
-        with torch.no_grad(), autocast():
-            metrics = {k: float(v) for k, v in evaluate(bare).items()}
-        eval_seconds = time.perf_counter() - eval_start
-        bare.train(was_training)
-        result.metrics = metrics
-        logger.log({"step": step, **metrics})
-        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        value = metrics.get(cfg.early_stopping_metric)
-        if value is None:
-            if cfg.early_stopping_patience or cfg.save_best:
-                log.debug("evaluate() returned no %r; best/ and early stopping skip this evaluation",
-                          cfg.early_stopping_metric)
-            return metrics
-        sign = 1.0 if cfg.early_stopping_mode == "min" else -1.0
-        if best_metric is None or sign * (best_metric - value) > cfg.early_stopping_min_delta:
-            best_metric, best_step, bad_evals = value, step, 0
-            if cfg.save_best:
-                _write_model(bare, run_dir / "best", save_model, info, fsdp)
-                result.best_dir = run_dir / "best"
-        else:
-            bad_evals += 1
-        return metrics
-
-    def checkpoint() -> None:
-        nonlocal last_ckpt_step
-        last_ckpt_step = step
-        _save_checkpoint(ckpt_root, step, tokens_seen, accum, best_metric, best_step, bad_evals, model_for_step,
-                         optimizer, schedule, train_source, info, cfg, run_config)
-
-    model_for_step.train()
-    try:
-        with _StopFlag() as stop:
-            if cfg.eval_every and step == 0 and start_ckpt is None:
-                run_eval()  # the loss of the initial model, the curve's first point
-            while step < cfg.max_steps:
-                t0 = time.perf_counter()
-                fraction = None
-                if cfg.time_schedule and cfg.max_time:
-                    elapsed = D.broadcast_object(time.perf_counter() - started, info)
-                    fraction = max(step / cfg.max_steps, elapsed / max(cfg.max_time - eval_seconds, 1e-9))
-                lr = schedule.apply(optimizer, step, fraction)
-                batches = pending + [train_source.next_batch() for _ in range(accum - len(pending))]
-                pending = []
-                batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
-                local_count = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
-                global_count = D.all_reduce_sum([float(local_count)], info)[0]
-                # Sum-of-token-losses over the global count: equal to one process with more accumulation,
-                # also when batches carry different numbers of ignored (-100) labels.
-                scale = info.world_size / max(global_count, 1.0)
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                for i, (x, y) in enumerate(batches):
-                    # DDP all-reduces gradients on the last micro-batch only.
-                    sync = ddp is None or i == len(batches) - 1
-                    ctx = contextlib.nullcontext() if sync else ddp.no_sync()
-                    with ctx:
-                        with autocast():
-                            logits = model_for_step(x)
-                        token_loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                                                     ignore_index=IGNORE_INDEX, reduction="sum")
-                        (token_loss * scale).backward()
-                    loss_sum += token_loss.detach().double()
-                grad_norm = float("nan")
-                if cfg.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                step_tokens = int(D.all_reduce_sum([float(sum(x.numel() for x, _ in batches))], info)[0])
-                tokens_seen += step_tokens
-                total, stop_votes = D.all_reduce_sum([float(loss_sum), float(stop.requested)], info)
-                loss = total / max(global_count, 1.0)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"training loss became {loss} at step {step}; lower train.lr or "
-                                             "check the data")
-                result.losses.append(loss)
-                dt = time.perf_counter() - t0
-                tps = step_tokens / max(dt, 1e-9)
-                if config is not None and hasattr(config, "flops_per_token"):
-                    bar.flops_per_token = config.flops_per_token(batches[0][0].shape[1]) / max(info.world_size, 1)
-                mfu = bar.update(loss, tps / max(info.world_size, 1), lr)
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                              "tokens_per_s": tps, "elapsed_s": time.perf_counter() - started}
-                    if mfu is not None:
-                        record["mfu"] = mfu
-                    logger.log(record)
-                result.steps, result.tokens, result.last_loss = step, tokens_seen, loss
-                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                    run_eval()
-                    if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
-                        result.stopped_early = True
-                        bar.write(f"early stopping at step {step}: {cfg.early_stopping_metric} has not improved "
-                                  f"for {bad_evals} evaluations (best {best_metric:.4f} at step {best_step})")
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    checkpoint()
-                out_of_time = cfg.max_time and D.broadcast_object(
-                    time.perf_counter() - started + eval_seconds >= cfg.max_time, info)
-                if stop_votes > 0:
-                    result.interrupted = True
-                if result.stopped_early or result.interrupted or out_of_time:
-                    break
-    except KeyboardInterrupt:
-        # A second Ctrl-C: the step in flight is lost, the last complete checkpoint stays valid.
-        result.interrupted = True
-        bar.close()
-        logger.close()
-        raise
-    bar.close()
-    if last_eval_step != step and not result.interrupted:
-        run_eval()  # out of time: the final model gets its evaluation (an interrupted run resumes instead)
-    if last_ckpt_step != step:
-        checkpoint()
-    _write_model(bare, run_dir / "model", save_model, info, fsdp)
-    result.model_dir = run_dir / "model"
-    result.best_metric, result.best_step = best_metric, best_step
-    if info.is_main:
-        plot_loss_curve(logger.path, run_dir / "loss_curve.png", title=f"{run_dir.name}: loss")
-    logger.close()
-    D.barrier(info)
-    return result
+    trainer = Trainer(model, cfg, train_source, Path(out_dir), evaluate=evaluate,
+                      save_model=save_model or _default_save_model, resume=resume, run_config=run_config)
+    return trainer.run()
 
 
-def _write_model(bare: nn.Module, directory: Path, save_model: Callable[[nn.Module, Path], None], info: D.DistInfo,
-                 fsdp: bool) -> None:
-    """Write a model folder atomically from rank 0 (gathering shards first under FSDP)."""
-    target = bare
-    if fsdp:
-        full = D.full_model_state(bare)  # collective
-        if info.is_main:
-            target = type(bare)(bare.config)
-            target.load_state_dict(full)
-    if info.is_main:
-        with atomic_directory(directory) as tmp:
-            save_model(target, tmp)
-    D.barrier(info)
-
-
-def _save_checkpoint(ckpt_root: Path, step: int, tokens: int, accum: int, best_metric: Optional[float],
-                     best_step: Optional[int], bad_evals: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     schedule: LRSchedule, source: BatchSource, info: D.DistInfo, cfg: TrainConfig,
-                     run_config: Optional[dict[str, Any]]) -> Path:
-    """Write checkpoints/step-N atomically, then point `latest` at it (rank 0 writes; all ranks gather)."""
-    model_state = D.full_model_state(model)
-    optim_state = D.optimizer_state(model, optimizer)
-    rank_state = {"rng": capture_rng_state(), "data": source.state_dict()}
-    if info.enabled:
-        gathered: Optional[list[Any]] = [None] * info.world_size if info.is_main else None
-        torch.distributed.gather_object(rank_state, gathered, dst=0)
-        ranks = gathered
-    else:
-        ranks = [rank_state]
-    name = f"step-{step:08d}"
-    path = ckpt_root / name
-    if info.is_main:
-        trainer = {"step": step, "tokens": tokens, "grad_accum_steps": accum, "best_metric": best_metric,
-                   "best_step": best_step, "bad_evals": bad_evals, "world_size": info.world_size,
-                   "schedule": schedule.state_dict()}
-        with atomic_directory(path) as tmp:
-            save_tensors(model_state, tmp / "model.safetensors")
-            save_state(optim_state, tmp, "optimizer")
-            save_state({"ranks": ranks}, tmp, "ranks")
-            atomic_write_text(tmp / "config.json", json.dumps(
-                {"train": dataclasses.asdict(cfg), "run": run_config or {}}, indent=2, default=str))
-            # trainer.json last: its presence marks a complete folder.
-            save_state(trainer, tmp, "trainer")
-        atomic_write_text(ckpt_root / LATEST, name + "\n")
-        _prune_checkpoints(ckpt_root, cfg.keep_checkpoints, path)
-    D.barrier(info)
-    return path
-
-
-def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
-                     source: BatchSource, info: D.DistInfo) -> tuple[int, int, int, Optional[float], Optional[int], int]:
-    """Restore everything `_save_checkpoint` wrote; returns the loop counters."""
-    trainer = load_state(path, "trainer")
-    saved_world = int(trainer.get("world_size", 1))
-    if saved_world != info.world_size:
-        raise CheckpointError(f"{path} was written by {saved_world} process(es); resume it with the same number "
-                              f"(got {info.world_size}) so the data order and RNG continue exactly")
-    D.load_full_model_state(model, load_tensors(path / "model.safetensors"))
-    D.load_optimizer_state(model, optimizer, load_state(path, "optimizer"))
-    schedule.load_state_dict(trainer["schedule"])
-    rank_state = load_state(path, "ranks")["ranks"][info.rank]
-    source.load_state_dict(rank_state["data"])
-    restore_rng_state(rank_state["rng"])
-    return (int(trainer["step"]), int(trainer["tokens"]), int(trainer["grad_accum_steps"]), trainer["best_metric"],
-            trainer["best_step"], int(trainer["bad_evals"]))
-
-
-__all__ = ["TrainConfig", "TrainResult", "BatchSource", "train", "latest_checkpoint", "IGNORE_INDEX"]
+__all__ = ["TrainConfig", "TrainResult", "BatchSource", "Trainer", "TrainState", "train", "latest_checkpoint",
+           "IGNORE_INDEX"]

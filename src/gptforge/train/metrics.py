@@ -1,4 +1,4 @@
-"""Training metrics: a JSONL log, a loss-curve PNG, a tqdm bar, and optional TensorBoard / W&B mirrors.
+"""Training metrics: a JSONL log, a loss-curve PNG, a progress display, and optional TensorBoard / W&B mirrors.
 
 Only rank 0 writes. The JSONL is the source of truth; the PNG and the other sinks are views of it.
 """
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -121,6 +119,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def import_plotting() -> None:
+    """Import matplotlib (Agg) now: its first import takes a second or more, which a timed run pays up front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "training loss") -> Optional[Path]:
     """Draw train loss (and eval metrics ending in `loss`) against tokens or steps into a PNG."""
     records = read_metrics(metrics_path)
@@ -154,40 +160,49 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
 
 
 class ProgressBar:
-    """tqdm bar over optimizer steps with loss, tokens/s, MFU; tqdm itself shows the ETA."""
+    """Training progress on rank 0 (`gptforge.progress.Progress`): over optimizer steps, or over the seconds
+    of a time budget (`unit="s"`), with loss, tokens/s, lr and MFU; the ETA comes with it."""
 
     def __init__(self, total: int, initial: int, enabled: bool, flops_per_token: float, peak_flops: float,
-                 is_main: bool = True) -> None:
+                 is_main: bool = True, unit: str = "step") -> None:
+        from ..progress import Progress
+
         self.is_main = is_main  # other ranks stay quiet
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
+        self.unit = unit
+        self.display = Progress(total, desc="train", unit=unit, initial=initial, enabled=enabled and is_main,
+                                show_rate=unit != "s")
 
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                            disable=os.environ.get("GPTFORGE_NO_PROGRESS") == "1")
-        self.last_time = time.perf_counter()
-
-    def update(self, loss: float, tokens_per_s: float, lr: float) -> Optional[float]:
+    def update(self, loss: float, tokens_per_s: float, lr: float, position: Optional[float] = None,
+               step: Optional[int] = None) -> Optional[float]:
+        """Show one more step (or move to `position` seconds of a time budget); returns the MFU."""
         mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None
-        if self.bar is not None:
+        if self.display.enabled:
             postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}", "lr": f"{lr:.2e}"}
+            if step is not None and self.unit != "step":
+                postfix = {"step": f"{step:,}", **postfix}
             if mfu is not None:
                 postfix["mfu"] = f"{100 * mfu:.1f}%"
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(1)
+            self.display.set_postfix(postfix)
+            if position is None:
+                self.display.update(1)
+            else:
+                self.display.set_position(position)
         return mfu
 
     def write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
+        """A message line beside the bar (the log when the bar is off)."""
+        if self.display.enabled:
+            self.display.write(text)
         elif self.is_main:
             log.info(text)
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def close(self, position: Optional[float] = None) -> None:
+        """Finish the display, at `position` for a time-budget bar."""
+        if position is not None and self.display.enabled:
+            self.display.set_position(position)
+        self.display.close()
 
 
-__all__ = ["MetricsLogger", "ProgressBar", "plot_loss_curve", "read_metrics", "estimate_peak_flops"]
+__all__ = ["MetricsLogger", "ProgressBar", "plot_loss_curve", "import_plotting", "read_metrics", "estimate_peak_flops"]

@@ -2,7 +2,7 @@
 
     recipe = load_recipe("configs/shakespeare-char.yaml", ["--train.max_steps=100"])
     run_dir = pretrain(recipe)              # or pretrain("configs/x.yaml", overrides=[...], resume=True)
-    model = GPT.from_pretrained(run_dir / "model")
+    model, tokenizer = gptforge.load(run_dir / "model")
 
 Sections:
     model:  `preset` (a Config preset name), `init_from` (a model folder to continue from), and any
@@ -136,6 +136,56 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> Any:
                           progress=progress)
 
 
+class ValidationLoss:
+    """`evaluate` of a pretraining run: loss on fixed validation windows (`data.eval_tokens` of them).
+
+    Under a time budget the first call also sizes the evaluation: it times the model on one batch and
+    keeps at most the tokens (never less than a batch) that let ~6 evaluations fit `train.eval_share` of
+    the budget, so that on a slow machine or a short budget evaluation stays a small share (the loop
+    spaces evaluations by their measured cost). Every evaluation reads the same windows.
+    """
+
+    def __init__(self, corpus: Any, data: DataConfig, train_cfg: Any, info: Any) -> None:
+        self.corpus, self.data, self.train_cfg, self.info = corpus, data, train_cfg, info
+        self.batch_size = data.eval_batch_size or data.batch_size
+        self.max_tokens: Optional[int] = data.eval_tokens or None
+        self.sized = not train_cfg.time_budgeted
+
+    def __call__(self, model: Any) -> dict[str, float]:
+        from ..data.loader import evaluate_split
+
+        if not self.sized:
+            self.max_tokens = self._fit_to_budget(model)
+            self.sized = True
+        return evaluate_split(model, self.corpus, "val", self.data.seq_len, self.batch_size, self.max_tokens)
+
+    def _fit_to_budget(self, model: Any) -> Optional[int]:
+        import time
+
+        from ..data.loader import eval_windows
+        from . import distributed as D
+        from .budget import eval_token_cap
+
+        device = next(model.parameters()).device
+        batches = eval_windows(self.corpus, "val", self.data.seq_len, self.batch_size, self.max_tokens)
+        x = next(batches)[0].to(device)
+        model(x[:1])  # warm-up on one window: allocator and kernel choice
+        started = time.perf_counter()
+        model(x)  # one full batch: a single window overstates the cost per token several times
+        per_token = (time.perf_counter() - started) / x.numel()
+        cfg = self.train_cfg
+        cap = max(eval_token_cap(per_token, cfg.max_time, cfg.eval_share), self.data.seq_len * self.batch_size)
+        cap = D.broadcast_object(cap, self.info)  # every rank evaluates the same windows
+        available = self.corpus.num_tokens("val")
+        if cap < min(self.max_tokens or available, available):
+            if self.info.is_main:
+                log.info("time budget: validation on %s tokens per evaluation (data.eval_tokens %s would take "
+                         "%.1f s each)", f"{cap:,}", f"{self.max_tokens or available:,}",
+                         per_token * (self.max_tokens or available))
+            return cap
+        return self.max_tokens
+
+
 def pretrain(recipe: Recipe | str | Path | dict[str, Any], *, overrides: Sequence[str] = (),
              resume: bool = False) -> Path:
     """Run a pretraining recipe end to end and return the run folder.
@@ -149,7 +199,7 @@ def pretrain(recipe: Recipe | str | Path | dict[str, Any], *, overrides: Sequenc
     import torch
 
     from ..atomic import atomic_write_text
-    from ..data.loader import TokenWindowLoader, evaluate_split
+    from ..data.loader import TokenWindowLoader
     from ..loading import load_model, save
     from ..model import GPT
     from . import distributed as D
@@ -196,11 +246,7 @@ def pretrain(recipe: Recipe | str | Path | dict[str, Any], *, overrides: Sequenc
         d = recipe.data
         loader = TokenWindowLoader(corpus, "train", d.batch_size, d.seq_len, seed=cfg.seed, rank=info.rank,
                                    world_size=info.world_size)
-        def evaluate_val(m: torch.nn.Module) -> dict[str, float]:
-            return evaluate_split(m, corpus, "val", d.seq_len, d.eval_batch_size or d.batch_size,
-                                  d.eval_tokens or None)
-
-        evaluate = evaluate_val if corpus.num_tokens("val") > d.seq_len else None
+        evaluate = ValidationLoss(corpus, d, cfg, info) if corpus.num_tokens("val") > d.seq_len else None
         if evaluate is None and info.is_main:
             log.warning("no validation split (data.val_fraction=%s): no val_loss, early stopping or best/",
                         d.val_fraction)
@@ -210,6 +256,7 @@ def pretrain(recipe: Recipe | str | Path | dict[str, Any], *, overrides: Sequenc
             summary = {"steps": result.steps, "tokens": result.tokens, "last_loss": result.last_loss,
                        "metrics": result.metrics, "best_metric": result.best_metric, "best_step": result.best_step,
                        "stopped_early": result.stopped_early, "interrupted": result.interrupted,
+                       "out_of_time": result.out_of_time, "elapsed_s": round(result.elapsed_s, 1),
                        "parameters": model.num_params()}
             atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=2))
         if result.interrupted and info.is_main:
