@@ -1,4 +1,5 @@
-"""POST /v1/completions: text and token-id prompts, n choices, echo, log-probs, streaming."""
+"""POST /v1/completions: text and token-id prompts, n choices, echo, log-probs, streaming, structured outputs
+(the `structured_outputs` extension)."""
 
 from __future__ import annotations
 
@@ -41,17 +42,19 @@ class CompletionServing(ServingBase):
                 self.check_length(len(p), body.max_tokens or 0, "prompt")
                 self.check_token_ids(p, "prompt")
         self.rate_limiter.admit_request(key_id)
+        spec = await self.run_cpu(self.output_spec, None, body.structured_outputs)
         prompts, texts = await self.run_cpu(self._tokenize_all, raw)
         max_tokens = self.completion_budget(body.max_tokens, [len(p) for p in prompts], "prompt")
         if max_tokens == 0 and not body.echo:
             raise invalid_param("max_tokens", "max_tokens must be at least 1 (0 is allowed only with echo)")
         params = self.sampling_params(body, max_tokens, body.logprobs or 0, body.logprobs is not None)
+        constraints = await self.constraints(spec, len(prompts) * body.n)
         seqs = []
         for i, p in enumerate(prompts):
             for j in range(body.n):
                 seq_params = params if body.seed is None else params.replace(seed=body.seed + j)
                 seqs.append(self._sequence(i * body.n + j, p, seq_params, max_tokens,
-                                           body.echo and body.logprobs is not None))
+                                           body.echo and body.logprobs is not None, constraints[i * body.n + j]))
         blocked = self.moderator is not None and any(
             not self.moderator.check_input(t if t is not None else self.tokenizer.decode(p))
             for t, p in zip(texts, prompts))
@@ -78,9 +81,9 @@ class CompletionServing(ServingBase):
         return prompts, texts
 
     def _sequence(self, index: int, prompt: list[int], params: Any, max_tokens: int,
-                  prompt_logprobs: bool) -> SequenceRequest:
+                  prompt_logprobs: bool, constraint: Any = None) -> SequenceRequest:
         return SequenceRequest(index=index, prompt_ids=prompt, params=params, max_tokens=max_tokens,
-                               prompt_logprobs=prompt_logprobs, stop_token_ids=self.stop_ids)
+                               prompt_logprobs=prompt_logprobs, stop_token_ids=self.stop_ids, constraint=constraint)
 
     # ---- responses ----------------------------------------------------------------------------
     async def create(self, body: CompletionRequest, request: Request, key_id: str) -> Any:
