@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,11 +61,17 @@ def feed(engine, spec, data: bytes | list[int], byte_token):
     constraint = engine.constraint(engine.compile(spec))
     for t in data:
         t = byte_token[t] if isinstance(data, bytes) else t
-        mask = constraint.allowed(10_000)
-        if isinstance(mask, int) or not mask[t]:
+        if not allows(constraint.allowed(10_000), t):
             return None
         constraint.advance(t)
     return constraint
+
+
+def allows(step, token: int) -> bool:
+    """Whether a constraint's answer (a forced id, a bool mask or a logit bias) lets `token` come next."""
+    if isinstance(step, int):
+        return step == token
+    return bool(step[token]) if step.dtype == torch.bool else bool(step[token] == 0)
 
 
 def closed_text(engine, constraint, tok, data: bytes) -> bytes:
@@ -143,8 +150,7 @@ def test_regex_choice_and_lark_grammars(grammars, spec, good, bad):
     constraint = feed(engine, spec, tok.encode(good.decode()), byte_token)
     assert constraint is not None
     if not constraint.complete:  # the regex may go on: the end token must be allowed, and then it is complete
-        mask = constraint.allowed(100)
-        assert not isinstance(mask, int) and mask[engine.stop_ids[0]]
+        assert allows(constraint.allowed(1000), engine.stop_ids[0])
         constraint.advance(engine.stop_ids[0])
     assert constraint.complete
     refused = feed(engine, spec, tok.encode(bad.decode()), byte_token)

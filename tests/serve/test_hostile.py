@@ -250,9 +250,10 @@ VALUE = st.recursive(st.none() | st.booleans() | JSON_NUMBERS | TEXT,
                      max_leaves=8)
 COMPLETION_FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "n", "stop", "logprobs", "echo", "logit_bias",
                      "seed", "stream", "stream_options", "top_k", "min_p", "best_of", "presence_penalty",
-                     "frequency_penalty", "suffix", "user", "repetition_penalty"]
+                     "frequency_penalty", "suffix", "user", "repetition_penalty", "structured_outputs"]
 CHAT_FIELDS = ["messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "logprobs",
-               "top_logprobs", "logit_bias", "seed", "stream", "stream_options", "response_format", "user"]
+               "top_logprobs", "logit_bias", "seed", "stream", "stream_options", "response_format", "user", "tools",
+               "tool_choice", "parallel_tool_calls", "structured_outputs"]
 
 
 @pytest.mark.slow

@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .errors import APIError, invalid_param
@@ -39,8 +41,12 @@ LIMITS = dict(max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fu
 # Start forcing the closing path this many tokens before the budget strictly requires it: a sampled token
 # can lengthen the path by more than one (opening `[{"` at once), and a late start cannot close.
 CLOSING_MARGIN = 8
+CLOSING_WINDOW = 136  # budgets (tokens left) below which the closing path is looked for
+MAX_CLOSING_PATH = 64  # longer ways to finish are not forced (a reply cut there ends with "length")
+CLOSING_SECONDS = 0.005  # time allowed to one search for the path (a hostile grammar can make steps slow)
 COMPILED_CACHE_SIZE = 64
 # Compact JSON (a random or weak model cannot loop on whitespace); any \uXXXX escape, as JSON allows.
+_BIAS = np.array([-np.inf, 0.0], dtype=np.float32)  # allowed bit -> logit bias
 JSON_OPTIONS = {"whitespace_flexible": False, "json_allow_general_unicode_escapes": True}
 
 
@@ -152,7 +158,6 @@ class GrammarEngine:
         self.limits = llg.LLParserLimits(**LIMITS)
         self._compiled: OrderedDict[str, Any] = OrderedDict()  # llguidance grammar -> matcher at its start
         self._lock = threading.Lock()
-        self._byte_bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
         single = {}
         for s in ('"', "}", "]", ",", "0", "a"):
             ids = tokenizer.encode(s, add_special_tokens=False)
@@ -165,7 +170,7 @@ class GrammarEngine:
         lengths = [len(b) if b else 1 << 20 for b in table] if table is not None else \
             [len(tokenizer.decode([i]).encode("utf-8")) or 1 << 20 for i in range(tokenizer.vocab_size)]
         lengths += [1 << 20] * (vocab_size - len(lengths))
-        self._token_len = torch.tensor(lengths[:vocab_size], dtype=torch.int64)
+        self._token_len = np.array(lengths[:vocab_size], dtype=np.int64)
         for i in self.stop_ids:
             if i < vocab_size:
                 self._token_len[i] = 1 << 20
@@ -218,19 +223,28 @@ class GrammarEngine:
         return GrammarConstraint(self, compiled.deep_copy())
 
     # ---- masks and the closing path ------------------------------------------------------------
-    def mask(self, matcher: Any, words: torch.Tensor) -> torch.Tensor:
-        """The bool mask (V,) of tokens `matcher` allows next (computed into `words`)."""
-        matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
-        return (words.view(torch.uint8).unsqueeze(1) & self._byte_bits).ne(0).view(-1)[:self.vocab_size]
+    def _allowed_bits(self, matcher: Any, words: np.ndarray) -> np.ndarray:
+        """(V,) uint8, 1 where `matcher` allows the token next (its bitmask computed into `words`)."""
+        matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        return np.unpackbits(words.view(np.uint8), bitorder="little")[:self.vocab_size]
 
-    def closing_path(self, matcher: Any, limit: int) -> Optional[list[int]]:
+    def mask(self, matcher: Any, words: np.ndarray) -> torch.Tensor:
+        """The bool mask (V,) of tokens `matcher` allows next."""
+        return torch.from_numpy(self._allowed_bits(matcher, words).view(np.bool_))
+
+    def bias(self, matcher: Any, words: np.ndarray) -> torch.Tensor:
+        """The logit bias (V,) float32 of the tokens `matcher` allows next: 0, or -inf for the others."""
+        return torch.from_numpy(_BIAS[self._allowed_bits(matcher, words)])
+
+    def closing_path(self, matcher: Any, limit: int, deadline: float = float("inf")) -> Optional[list[int]]:
         """Tokens that finish the output from `matcher`'s state (an end token last unless the grammar stops by
-        itself), at most `limit` of them; None when none is found. Greedy, on a copy of the state."""
+        itself), at most `limit` of them; None when none is found by then or by `deadline` (perf_counter
+        seconds). Greedy, on a copy of the state."""
         m = matcher.deep_copy()
         path: list[int] = []
-        words = torch.empty((self.vocab_size + 31) // 32, dtype=torch.int32)
+        words = np.empty((self.vocab_size + 31) // 32, dtype=np.int32)
         while not m.is_stopped():
-            if len(path) >= limit:
+            if len(path) >= limit or time.perf_counter() > deadline:
                 return None
             if m.is_accepting() and self.stop_ids:
                 path.append(self.stop_ids[0])
@@ -242,7 +256,7 @@ class GrammarEngine:
             path.append(token)
         return path
 
-    def _closing_token(self, m: Any, words: torch.Tensor) -> Optional[int]:
+    def _closing_token(self, m: Any, words: np.ndarray) -> Optional[int]:
         def ok(t: Optional[int]) -> bool:
             return t is not None and m.validate_tokens([t]) == 1
 
@@ -252,11 +266,10 @@ class GrammarEngine:
             for t in self._closers:
                 if ok(t):
                     return t
-        allowed = self.mask(m, words)
-        if not bool(allowed.any()):
+        allowed = self._allowed_bits(m, words)
+        if not allowed.any():
             return None
-        lengths = torch.where(allowed, self._token_len, torch.full_like(self._token_len, 1 << 30))
-        return int(lengths.argmin())  # the shortest allowed token (lowest id among equals)
+        return int(np.where(allowed, self._token_len, 1 << 40).argmin())  # the shortest (lowest id among equals)
 
 
 class GrammarConstraint:
@@ -265,25 +278,45 @@ class GrammarConstraint:
     def __init__(self, engine: GrammarEngine, matcher: Any) -> None:
         self.engine = engine
         self.matcher = matcher
-        self._words = torch.empty((engine.vocab_size + 31) // 32, dtype=torch.int32)
-        self._path_len: Optional[int] = None  # length of the closing path when last computed
+        self._words = np.empty((engine.vocab_size + 31) // 32, dtype=np.int32)
+        self._path: Optional[list[int]] = None  # the closing path from the current state, while it holds
+        self._path_len = 0  # its length when last computed
+        self._computed_at = 1 << 62  # the budget then
+        self._retry_below = CLOSING_WINDOW  # budgets above this do not look for a closing path
 
     def allowed(self, budget: int) -> torch.Tensor | int:
-        """The token to force while closing within the budget, else the bool mask of allowed tokens."""
+        """The token to force while closing within the budget, else the logit bias of allowed tokens."""
         if self.matcher.is_error():  # cannot happen with masked sampling; end the sequence rather than fail it
             log.warning("grammar matcher error: %s", self.matcher.get_error()[:200])
             return self.engine.stop_ids[0] if self.engine.stop_ids else 0
-        if self._path_len is None or budget <= 2 * self._path_len + CLOSING_MARGIN + 16:
-            path = self.engine.closing_path(self.matcher, budget + 64)
-            self._path_len = len(path) if path is not None else 32
-            if path and len(path) + CLOSING_MARGIN >= budget:
-                return path[0]
-        return self.engine.mask(self.matcher, self._words)
+        path = self._closing(budget)
+        if path and len(path) + CLOSING_MARGIN >= budget:
+            return path[0]
+        return self.engine.bias(self.matcher, self._words)
+
+    def _closing(self, budget: int) -> Optional[list[int]]:
+        """The closing path, recomputed only near the end of the budget: every step once it is close to the
+        path's length, every few steps before that (a sampled token may lengthen the path)."""
+        if self._path is not None or budget > self._retry_below:
+            return self._path
+        near = budget <= self._path_len + CLOSING_MARGIN + 24
+        if not near and self._computed_at - budget < 8:
+            return None
+        self._path = self.engine.closing_path(self.matcher, min(budget, MAX_CLOSING_PATH),
+                                              time.perf_counter() + CLOSING_SECONDS)
+        self._computed_at = budget
+        if self._path is None:  # none found within the limits: look again a few tokens later
+            self._retry_below = budget - 16
+        else:
+            self._path_len = len(self._path)
+        return self._path
 
     def advance(self, token: int) -> None:
         """Record the chosen token."""
         if not self.matcher.consume_token(token):
             log.warning("grammar refused token %d: %s", token, self.matcher.get_error()[:200])
+        # The greedy path from the next state is the rest of this one when its first token was taken.
+        self._path = self._path[1:] if self._path and self._path[0] == token else None
 
     @property
     def complete(self) -> bool:
