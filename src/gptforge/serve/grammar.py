@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -43,7 +42,9 @@ LIMITS = dict(max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fu
 CLOSING_MARGIN = 8
 CLOSING_WINDOW = 136  # budgets (tokens left) below which the closing path is looked for
 MAX_CLOSING_PATH = 64  # longer ways to finish are not forced (a reply cut there ends with "length")
-CLOSING_SECONDS = 0.005  # time allowed to one search for the path (a hostile grammar can make steps slow)
+# Full masks one search may compute (the costly step, when no closer fits): bounds the search's work
+# whatever the grammar, without a wall clock that a loaded machine would turn into a missed close.
+CLOSING_MASKS = 8
 COMPILED_CACHE_SIZE = 64
 # Compact JSON (a random or weak model cannot loop on whitespace); any \uXXXX escape, as JSON allows.
 _BIAS = np.array([-np.inf, 0.0], dtype=np.float32)  # allowed bit -> logit bias
@@ -236,27 +237,28 @@ class GrammarEngine:
         """The logit bias (V,) float32 of the tokens `matcher` allows next: 0, or -inf for the others."""
         return torch.from_numpy(_BIAS[self._allowed_bits(matcher, words)])
 
-    def closing_path(self, matcher: Any, limit: int, deadline: float = float("inf")) -> Optional[list[int]]:
+    def closing_path(self, matcher: Any, limit: int) -> Optional[list[int]]:
         """Tokens that finish the output from `matcher`'s state (an end token last unless the grammar stops by
-        itself), at most `limit` of them; None when none is found by then or by `deadline` (perf_counter
-        seconds). Greedy, on a copy of the state."""
+        itself), at most `limit` of them; None when none is found within that (or `CLOSING_MASKS` full
+        masks). Greedy, on a copy of the state."""
         m = matcher.deep_copy()
         path: list[int] = []
         words = np.empty((self.vocab_size + 31) // 32, dtype=np.int32)
+        masks = [CLOSING_MASKS]
         while not m.is_stopped():
-            if len(path) >= limit or time.perf_counter() > deadline:
+            if len(path) >= limit:
                 return None
             if m.is_accepting() and self.stop_ids:
                 path.append(self.stop_ids[0])
                 return path
             forced = m.compute_ff_tokens()
-            token = forced[0] if forced else self._closing_token(m, words)
+            token = forced[0] if forced else self._closing_token(m, words, masks)
             if token is None or not m.consume_token(token):
                 return None
             path.append(token)
         return path
 
-    def _closing_token(self, m: Any, words: np.ndarray) -> Optional[int]:
+    def _closing_token(self, m: Any, words: np.ndarray, masks: list[int]) -> Optional[int]:
         def ok(t: Optional[int]) -> bool:
             return t is not None and m.validate_tokens([t]) == 1
 
@@ -266,6 +268,9 @@ class GrammarEngine:
             for t in self._closers:
                 if ok(t):
                     return t
+        if masks[0] <= 0:
+            return None
+        masks[0] -= 1
         allowed = self._allowed_bits(m, words)
         if not allowed.any():
             return None
@@ -302,8 +307,7 @@ class GrammarConstraint:
         near = budget <= self._path_len + CLOSING_MARGIN + 24
         if not near and self._computed_at - budget < 8:
             return None
-        self._path = self.engine.closing_path(self.matcher, min(budget, MAX_CLOSING_PATH),
-                                              time.perf_counter() + CLOSING_SECONDS)
+        self._path = self.engine.closing_path(self.matcher, min(budget, MAX_CLOSING_PATH))
         self._computed_at = budget
         if self._path is None:  # none found within the limits: look again a few tokens later
             self._retry_below = budget - 16
