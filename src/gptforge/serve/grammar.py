@@ -47,7 +47,8 @@ MAX_CLOSING_PATH = 64  # longer ways to finish are not forced (a reply cut there
 CLOSING_MASKS = 8
 COMPILED_CACHE_SIZE = 64
 # Compact JSON (a random or weak model cannot loop on whitespace); any \uXXXX escape, as JSON allows.
-_BIAS = np.array([-np.inf, 0.0], dtype=np.float32)  # allowed bit -> logit bias
+# Byte of a bitmask -> the logit biases of its 8 tokens (bit i set: token 8k+i allowed, bias 0; else -inf).
+_BYTE_BIAS = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, 0.0, -np.inf).astype(np.float32)  # (256, 8)
 JSON_OPTIONS = {"whitespace_flexible": False, "json_allow_general_unicode_escapes": True}
 
 
@@ -235,7 +236,9 @@ class GrammarEngine:
 
     def bias(self, matcher: Any, words: np.ndarray) -> torch.Tensor:
         """The logit bias (V,) float32 of the tokens `matcher` allows next: 0, or -inf for the others."""
-        return torch.from_numpy(_BIAS[self._allowed_bits(matcher, words)])
+        matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        # One gather of 8 biases per mask byte: several times faster than unpacking bits then mapping them.
+        return torch.from_numpy(np.take(_BYTE_BIAS, words.view(np.uint8), axis=0).reshape(-1)[:self.vocab_size])
 
     def closing_path(self, matcher: Any, limit: int) -> Optional[list[int]]:
         """Tokens that finish the output from `matcher`'s state (an end token last unless the grammar stops by
@@ -304,7 +307,7 @@ class GrammarConstraint:
         path's length, every few steps before that (a sampled token may lengthen the path)."""
         if self._path is not None or budget > self._retry_below:
             return self._path
-        near = budget <= self._path_len + CLOSING_MARGIN + 24
+        near = budget <= self._path_len + CLOSING_MARGIN + 8
         if not near and self._computed_at - budget < 8:
             return None
         self._path = self.engine.closing_path(self.matcher, min(budget, MAX_CLOSING_PATH))
