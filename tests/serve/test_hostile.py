@@ -256,10 +256,13 @@ CHAT_FIELDS = ["messages", "max_tokens", "max_completion_tokens", "temperature",
                "tool_choice", "parallel_tool_calls", "structured_outputs"]
 
 
+EMBEDDING_FIELDS = ["input", "dimensions", "encoding_format", "user"]
+
+
 @pytest.mark.slow
 def test_fuzz_no_5xx_and_every_error_is_openai_shaped(srv):
     """Property: extreme numbers, unicode edge cases, nulls in every optional field, oversized values,
-    completions and chat, streaming or not: never a 5xx, and every error (also inside a stream) has OpenAI's shape."""
+    completions, chat and embeddings, streaming or not: never a 5xx, and every error (also inside a stream) has OpenAI's shape."""
     client = httpx.Client(base_url=srv.base, headers=AUTH, timeout=120)
 
     def check(path: str, body: dict) -> None:
@@ -275,20 +278,23 @@ def test_fuzz_no_5xx_and_every_error_is_openai_shaped(srv):
                     assert "error" not in event or is_openai_error(event), line[:300]
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(st.sampled_from(["completions", "chat"]), st.data())
+    @given(st.sampled_from(["completions", "chat", "embeddings"]), st.data())
     def run(kind: str, data) -> None:
-        fields = COMPLETION_FIELDS if kind == "completions" else CHAT_FIELDS
+        fields = {"completions": COMPLETION_FIELDS, "chat": CHAT_FIELDS, "embeddings": EMBEDDING_FIELDS}[kind]
         body = data.draw(st.dictionaries(st.sampled_from(fields), VALUE, max_size=6))
         nulls = data.draw(st.lists(st.sampled_from(fields), max_size=3))
         body.update({name: None for name in nulls})
         body.setdefault("model", MODEL)
         if kind == "completions":
             body.setdefault("prompt", "Hello")
-        else:
+        elif kind == "chat":
             body.setdefault("messages", [{"role": "user", "content": "Hello"}])
+        else:
+            body.setdefault("input", "Hello")
         if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 16:
             body["max_tokens"] = 16  # keep generation short; huge values are drawn elsewhere too
-        check("/v1/completions" if kind == "completions" else "/v1/chat/completions", body)
+        check({"completions": "/v1/completions", "chat": "/v1/chat/completions", "embeddings": "/v1/embeddings"}[kind],
+              body)
 
     run()
     client.close()
