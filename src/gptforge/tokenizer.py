@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -14,10 +15,37 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from .atomic import atomic_write_text
 from .errors import GptforgeError
 
-# ChatML, the default when a tokenizer brings no template of its own.
+# ChatML, the default when a tokenizer brings no template of its own. With `tools`, a system turn lists them
+# as JSON schemas and asks for calls in <tool_call> blocks (the Hermes / Qwen protocol, which
+# gptforge.serve.tools parses); assistant calls render as those blocks and tool results as <tool_response>
+# blocks in a user turn, consecutive results sharing one turn.
 CHATML_TEMPLATE = (
+    "{% set tool_list = tools if tools is defined else none %}"  # lm-eval renders with StrictUndefined, no tools
+    "{% if tool_list %}"
+    "{{ '<|im_start|>system\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n\nYou can call these functions, given as JSON schemas:\n<tools>\n' }}"
+    "{% for tool in tool_list %}{{ tool | tojson }}{{ '\n' }}{% endfor %}"
+    "{{ '</tools>\n\nTo call functions, answer with one block per call, each a JSON object with the function '"
+    "'name and its arguments:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <arguments-object>}\n'"
+    "'</tool_call><|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% if tool_list and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') }}"
+    "{% for call in (message['tool_calls'] if message['tool_calls'] is defined else none) or [] %}"
+    "{% set fn = call.function if call.function is defined else call %}"
+    "{% if message['content'] or not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ '<tool_call>\n{\"name\": \"' + fn.name + '\", \"arguments\": ' }}"
+    "{{ fn.arguments if fn.arguments is string else fn.arguments | tojson }}{{ '}\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>' + '\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -139,23 +167,33 @@ class Tokenizer:
         return self.vocab_size
 
     # ---- chat templates ---------------------------------------------------------------------
-    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True,
-                            tokenize: bool = False) -> str | list[int]:
-        """Render `messages` with the tokenizer's Jinja template (ChatML when it has none)."""
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                            tokenize: bool = False, tools: Optional[Sequence[dict[str, Any]]] = None
+                            ) -> str | list[int]:
+        """Render `messages` with the tokenizer's Jinja template (ChatML when it has none).
+
+        Messages and `tools` follow Hugging Face's conventions, so the templates of Qwen, Llama or Hermes
+        models render tool definitions, assistant `tool_calls` (arguments as dicts) and `tool` results."""
         for i, message in enumerate(messages):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise TokenizerError(f"messages[{i}] must be a mapping with 'role' and 'content'")
+            if not isinstance(message, dict) or "role" not in message or \
+                    ("content" not in message and not message.get("tool_calls")):
+                raise TokenizerError(f"messages[{i}] must be a mapping with 'role' and 'content' (or 'tool_calls')")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
         def raise_exception(message: str) -> None:
             raise TokenizerError(f"chat template error: {message}")
 
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+        env.filters["tojson"] = _tojson
         try:
             template = env.from_string(self.chat_template or CHATML_TEMPLATE)
             text = template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                   tools=list(tools) if tools else None,
                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except jinja2.TemplateError as exc:
+            raise TokenizerError(f"chat template failed to render: {exc}") from exc
+        except TypeError as exc:  # e.g. a template adding None to a string
             raise TokenizerError(f"chat template failed to render: {exc}") from exc
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
@@ -252,6 +290,12 @@ def bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: Optional[int] = None,
+            separators: Optional[tuple[str, str]] = None, sort_keys: bool = False) -> str:
+    """Jinja's `tojson` as Hugging Face chat templates expect it: plain JSON, no HTML escaping."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _token_str(value: Any) -> Optional[str]:

@@ -1,16 +1,22 @@
-"""Server building blocks without a server: PII masking, the JSON grammar, API keys, rate limits, errors."""
+"""Server building blocks without a server: PII masking, grammars (structured outputs), tool-call parsing,
+API keys, rate limits, errors."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import CORPUS
+
 from gptforge.serve.auth import APIKeyChecker, collect_keys, key_from_headers
 from gptforge.serve.errors import APIError
-from gptforge.serve.json_grammar import START, JSONConstraint, feed_bytes, shortest_completion
+from gptforge.serve.grammar import GrammarEngine, GrammarSpec
+from gptforge.serve.tools import ToolCallStream, parse_tool_calls
+from gptforge.tokenizer import Tokenizer
 from gptforge.serve.pii import luhn_valid, mask_pii
 from gptforge.serve.ratelimit import RateLimiter
 
@@ -41,35 +47,176 @@ json_values = st.recursive(
     max_leaves=8)
 
 
-@settings(max_examples=150, deadline=None)
+@pytest.fixture(scope="module")
+def grammars():
+    """The grammar engine over the test tokenizer, and its single-byte token of each byte."""
+    tok = Tokenizer.train_bpe(CORPUS * 20, vocab_size=320)
+    byte_token = {b[0]: i for i, b in enumerate(tok.token_bytes()) if b and len(b) == 1 and i not in tok.special_ids}
+    return GrammarEngine(tok, tok.vocab_size, tok.stop_token_ids()), byte_token, tok
+
+
+def feed(engine, spec, data: bytes | list[int], byte_token):
+    """A constraint fed `data` (bytes as single-byte tokens, or token ids), checking each token was allowed;
+    None once one is not."""
+    constraint = engine.constraint(engine.compile(spec))
+    for t in data:
+        t = byte_token[t] if isinstance(data, bytes) else t
+        if not allows(constraint.allowed(10_000), t):
+            return None
+        constraint.advance(t)
+    return constraint
+
+
+def allows(step, token: int) -> bool:
+    """Whether a constraint's answer (a forced id, a bool mask or a logit bias) lets `token` come next."""
+    if isinstance(step, int):
+        return step == token
+    return bool(step[token]) if step.dtype == torch.bool else bool(step[token] == 0)
+
+
+def closed_text(engine, constraint, tok, data: bytes) -> bytes:
+    path = engine.closing_path(constraint.matcher, 200)
+    assert path is not None
+    return data + b"".join(tok.token_bytes()[t] for t in path if t not in tok.special_ids)
+
+
+@settings(max_examples=100, deadline=None)
 @given(st.dictionaries(st.text(max_size=5), json_values, max_size=4), st.data())
-def test_grammar_accepts_every_json_object_and_closes_every_prefix(obj, data):
+def test_json_mode_accepts_every_object_and_closes_every_prefix(grammars, obj, data):
+    engine, byte_token, tok = grammars
     text = json.dumps(obj, separators=(",", ":")).encode()
-    assert feed_bytes(START, text)[0] == "DONE"
+    done = feed(engine, GrammarSpec.json_object(), text, byte_token)
+    assert done is not None and done.complete
     cut = data.draw(st.integers(0, len(text)))
-    state = feed_bytes(START, text[:cut])
-    assert state is not None
-    closed = text[:cut] + shortest_completion(state)
-    assert isinstance(json.loads(closed), dict)
+    part = feed(engine, GrammarSpec.json_object(), text[:cut], byte_token)
+    assert isinstance(json.loads(closed_text(engine, part, tok, text[:cut])), dict)
 
 
-@pytest.mark.parametrize("bad", [b"[1]", b'{"a":01}', b'{"a":1,}', b"{'a':1}", b'{"a":tru ', b'{"a"1}', b'"x"'])
-def test_grammar_rejects_non_objects(bad):
-    state = feed_bytes(START, bad)
-    assert state is None or state[0] != "DONE"
+@pytest.mark.parametrize("bad", [b"[1]", b'{"a":01}', b'{"a":1,}', b"{'a':1}", b'{"a":tru ', b'{"a"1}', b'"x"',
+                                 b'{"a": 1}'])  # compact JSON: no whitespace between tokens
+def test_json_mode_rejects_non_objects(grammars, bad):
+    engine, byte_token, _ = grammars
+    constraint = feed(engine, GrammarSpec.json_object(), bad, byte_token)
+    assert constraint is None or not constraint.complete
 
 
-def test_constraint_masks_and_forces_closing_tokens():
-    vocab = [bytes([b]) for b in range(128)] + [b'{"', b'":', b"true", b"}}", None]
-    constraint = JSONConstraint(vocab)
-    allowed = constraint.allowed(START)
-    assert allowed[ord("{")] and allowed[128] and not allowed[ord("[")] and not allowed[132]
-    state = feed_bytes(START, b'{"ab')
-    assert constraint.forced_token(state, budget=10) is None
-    assert constraint.forced_token(state, budget=4) == ord('"')  # '"', ':', '0', '}' are exactly 4 tokens
-    near_end = constraint.allowed_within(feed_bytes(START, b'{"a":'), budget=2)
-    assert near_end[ord("0")] and near_end[130]  # a number or 'true', then '}': fits in 2 tokens
-    assert not near_end[ord('"')] and not near_end[ord("[")]  # a string or array could not close in time
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "role", "tags"],
+          "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0},
+                         "role": {"enum": ["admin", "user"]}, "tags": {"type": "array", "items": {"type": "string"}}}}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.builds(lambda name, age, role, tags: {"name": name, "age": age, "role": role, "tags": tags},  # schema order
+                 st.text(max_size=6), st.integers(0, 10**6), st.sampled_from(["admin", "user"]),
+                 st.lists(st.text(max_size=3), max_size=3)), st.data())
+def test_json_schema_accepts_instances_and_closes_prefixes_into_instances(grammars, obj, data):
+    jsonschema = pytest.importorskip("jsonschema")
+    engine, byte_token, tok = grammars
+    spec = GrammarSpec.json_schema(SCHEMA, "response_format.json_schema.schema")
+    # Tokens as the tokenizer splits the text (where bytes are forced, llguidance admits their canonical tokens)
+    ids = tok.encode(json.dumps(obj, separators=(",", ":")))
+    assert feed(engine, spec, ids, byte_token).complete
+    cut = data.draw(st.integers(0, len(ids)))
+    prefix = b"".join(tok.token_bytes()[t] for t in ids[:cut])
+    closed = json.loads(closed_text(engine, feed(engine, spec, ids[:cut], byte_token), tok, prefix))
+    jsonschema.validate(closed, SCHEMA)
+    for bad in ({**obj, "role": "root"}, {**obj, "age": -1}, {**obj, "extra": 1}, {"name": "x"}):
+        constraint = feed(engine, spec, tok.encode(json.dumps(bad, separators=(",", ":"))), byte_token)
+        assert constraint is None or not constraint.complete
+
+
+def test_constraint_forces_a_closing_path_within_the_budget(grammars):
+    engine, byte_token, tok = grammars
+    constraint = feed(engine, GrammarSpec.json_object(), b'{"ab":[1,{"c":"xy', byte_token)
+    assert not isinstance(constraint.allowed(500), int)  # plenty of room: a mask
+    budget = 12
+    out = b'{"ab":[1,{"c":"xy'
+    while not constraint.complete:
+        step = constraint.allowed(budget)
+        assert isinstance(step, int), "a short budget forces the closing tokens"
+        constraint.advance(step)
+        out += tok.token_bytes()[step] if step not in tok.special_ids else b""
+        budget -= 1
+    assert budget >= 0 and json.loads(out) == {"ab": [1, {"c": "xy"}]}
+
+
+@pytest.mark.parametrize("spec,good,bad", [
+    (GrammarSpec.regex(r"[a-z]+@[a-z]+\.com", "structured_outputs.regex"), b"ab@cd.com", b"ab@cd.org"),
+    (GrammarSpec.choice(["yes", "no", "a|b"], "structured_outputs.choice"), b"a|b", b"a"),
+    (GrammarSpec.lark('start: "x" NUM\nNUM: /[0-9]+/', "structured_outputs.grammar"), b"x42", b"y1"),
+])
+def test_regex_choice_and_lark_grammars(grammars, spec, good, bad):
+    engine, byte_token, tok = grammars
+    constraint = feed(engine, spec, tok.encode(good.decode()), byte_token)
+    assert constraint is not None
+    if not constraint.complete:  # the regex may go on: the end token must be allowed, and then it is complete
+        assert allows(constraint.allowed(1000), engine.stop_ids[0])
+        constraint.advance(engine.stop_ids[0])
+    assert constraint.complete
+    refused = feed(engine, spec, tok.encode(bad.decode()), byte_token)
+    assert refused is None or not refused.complete
+
+
+@pytest.mark.parametrize("spec,param,message", [
+    (lambda: GrammarSpec.regex("(a|", "structured_outputs.regex"), "structured_outputs.regex", "regex"),
+    (lambda: GrammarSpec.json_schema({"type": "foo"}, "response_format.json_schema.schema"),
+     "response_format.json_schema.schema", "foo"),
+    (lambda: GrammarSpec.json_schema({"$ref": "#/defs/none"}, "tools[0].function.parameters"),
+     "tools[0].function.parameters", "defs"),
+    (lambda: GrammarSpec.json_schema(_nested(200), "structured_outputs.json"), "structured_outputs.json", "deeper"),
+    (lambda: GrammarSpec.json_schema({"enum": ["x" * 100] * 1000}, "structured_outputs.json"),
+     "structured_outputs.json", "characters"),
+    (lambda: GrammarSpec.lark("start: missing", "structured_outputs.grammar"), "structured_outputs.grammar",
+     "missing"),
+    (lambda: GrammarSpec.choice([], "structured_outputs.choice"), "structured_outputs.choice", "at least one"),
+])
+def test_bad_grammars_are_400_naming_the_field(grammars, spec, param, message):
+    engine = grammars[0]
+    with pytest.raises(APIError) as info:
+        engine.compile(spec())
+    assert info.value.status == 400 and info.value.param == param and message in info.value.message
+
+
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def test_recursive_schema_compiles_and_generates(grammars):
+    engine, byte_token, tok = grammars
+    tree = {"$defs": {"node": {"type": "object", "properties": {"children": {"type": "array", "items": {
+        "$ref": "#/$defs/node"}}}, "required": ["children"], "additionalProperties": False}}, "$ref": "#/$defs/node"}
+    spec = GrammarSpec.json_schema(tree, "response_format.json_schema.schema")
+    text = '{"children":[{"children":[]},{"children":[{"children":[]}]}]}'
+    assert feed(engine, spec, tok.encode(text), byte_token).complete
+
+
+def test_tool_call_text_parsing_whole_and_streamed():
+    names = {"get_weather", "add"}
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "add", "arguments": "{\\"a\\": 1}"}\n</tool_call>\n'
+            '<tool_call>{"name": "unknown", "arguments": {}}</tool_call>')
+    content, calls = parse_tool_calls(text, names)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}), ("add", {"a": 1})]
+    assert content.startswith("Let me check.") and "unknown" in content and "get_weather" not in content
+    assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
+    for size in (1, 3, 7):  # any split of the stream gives the same content and calls
+        stream = ToolCallStream(names)
+        shown, streamed = "", []
+        for i in range(0, len(text), size):
+            part, got = stream.push(text[i:i + size])
+            shown, streamed = shown + part, streamed + got
+        part, got = stream.flush()
+        shown, streamed = shown + part, streamed + got
+        assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in calls]
+        assert shown.strip() == content
+    plain = "no calls here <tool but not a tag "
+    assert parse_tool_calls(plain, names) == (plain, [])
+    stream = ToolCallStream(names)
+    assert "".join(stream.push(plain)[0]) + stream.flush()[0] == plain
+    assert parse_tool_calls('<tool_call>\n{"name": "add", "arguments": {}}', names)[1][0].name == "add"  # left open
 
 
 def test_api_keys_hashed_and_constant_time(tmp_path):

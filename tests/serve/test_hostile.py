@@ -140,7 +140,7 @@ def test_health_answers_quickly_while_megabytes_are_tokenized(srv):
     done: list = []
     heavy = [threading.Thread(target=lambda: done.append(post(srv.base, "/tokenize", {"model": MODEL,
                                                                                       "messages": messages})))
-             for _ in range(6)]
+             for _ in range(2)]
     latencies: list[float] = []
     for t in heavy:
         t.start()
@@ -151,7 +151,7 @@ def test_health_answers_quickly_while_megabytes_are_tokenized(srv):
         time.sleep(0.02)
     for t in heavy:
         t.join(120)
-    assert len(done) == 6 and all(r.status_code == 400 for r in done), [r.text[:200] for r in done]
+    assert len(done) == 2 and all(r.status_code == 400 for r in done), [r.text[:200] for r in done]
     assert max(latencies) < 1.0, latencies
 
 
@@ -250,15 +250,19 @@ VALUE = st.recursive(st.none() | st.booleans() | JSON_NUMBERS | TEXT,
                      max_leaves=8)
 COMPLETION_FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "n", "stop", "logprobs", "echo", "logit_bias",
                      "seed", "stream", "stream_options", "top_k", "min_p", "best_of", "presence_penalty",
-                     "frequency_penalty", "suffix", "user", "repetition_penalty"]
+                     "frequency_penalty", "suffix", "user", "repetition_penalty", "structured_outputs"]
 CHAT_FIELDS = ["messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "logprobs",
-               "top_logprobs", "logit_bias", "seed", "stream", "stream_options", "response_format", "user"]
+               "top_logprobs", "logit_bias", "seed", "stream", "stream_options", "response_format", "user", "tools",
+               "tool_choice", "parallel_tool_calls", "structured_outputs"]
+
+
+EMBEDDING_FIELDS = ["input", "dimensions", "encoding_format", "user"]
 
 
 @pytest.mark.slow
 def test_fuzz_no_5xx_and_every_error_is_openai_shaped(srv):
     """Property: extreme numbers, unicode edge cases, nulls in every optional field, oversized values,
-    completions and chat, streaming or not: never a 5xx, and every error (also inside a stream) has OpenAI's shape."""
+    completions, chat and embeddings, streaming or not: never a 5xx, and every error (also inside a stream) has OpenAI's shape."""
     client = httpx.Client(base_url=srv.base, headers=AUTH, timeout=120)
 
     def check(path: str, body: dict) -> None:
@@ -274,20 +278,23 @@ def test_fuzz_no_5xx_and_every_error_is_openai_shaped(srv):
                     assert "error" not in event or is_openai_error(event), line[:300]
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(st.sampled_from(["completions", "chat"]), st.data())
+    @given(st.sampled_from(["completions", "chat", "embeddings"]), st.data())
     def run(kind: str, data) -> None:
-        fields = COMPLETION_FIELDS if kind == "completions" else CHAT_FIELDS
+        fields = {"completions": COMPLETION_FIELDS, "chat": CHAT_FIELDS, "embeddings": EMBEDDING_FIELDS}[kind]
         body = data.draw(st.dictionaries(st.sampled_from(fields), VALUE, max_size=6))
         nulls = data.draw(st.lists(st.sampled_from(fields), max_size=3))
         body.update({name: None for name in nulls})
         body.setdefault("model", MODEL)
         if kind == "completions":
             body.setdefault("prompt", "Hello")
-        else:
+        elif kind == "chat":
             body.setdefault("messages", [{"role": "user", "content": "Hello"}])
+        else:
+            body.setdefault("input", "Hello")
         if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 16:
             body["max_tokens"] = 16  # keep generation short; huge values are drawn elsewhere too
-        check("/v1/completions" if kind == "completions" else "/v1/chat/completions", body)
+        check({"completions": "/v1/completions", "chat": "/v1/chat/completions", "embeddings": "/v1/embeddings"}[kind],
+              body)
 
     run()
     client.close()

@@ -81,3 +81,55 @@ def test_errors_name_the_problem(tmp_path):
         Tokenizer.train_bpe(CORPUS, vocab_size=100)
     with pytest.raises(TokenizerError, match="messages\\[0\\]"):
         Tokenizer.train_char(["ab"]).apply_chat_template([{"content": "no role"}])
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <now> & 'later'",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+CALL_MESSAGES = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "21 C"},
+]
+# Written in the style of the templates Qwen 2.5 and Llama 3.1 ship (tools as JSON via `tojson`, calls read
+# from `tool_calls[].function`, results as "tool" / "ipython" turns); not copies of them.
+QWEN_STYLE = (
+    "{%- if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n"
+    "</tools><|im_end|>\n{%- endif %}"
+    "{%- for m in messages %}{%- if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
+    "</tool_response><|im_end|>\n{%- elif m.tool_calls %}<|im_start|>assistant\n{%- for c in m.tool_calls %}"
+    "{%- set c = c.function if c.function is defined else c %}\n<tool_call>\n{\"name\": \"{{ c.name }}\", "
+    "\"arguments\": {{ c.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+LLAMA_STYLE = (
+    "{{- bos_token }}{%- for m in messages %}{%- if m.role == 'user' and loop.first and tools %}"
+    "<|start_header_id|>user<|end_header_id|>\n\n{%- for t in tools %}{{ t | tojson(indent=4) }}\n\n{% endfor %}"
+    "{{ m.content }}<|eot_id|>{%- elif m.tool_calls %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{%- set c = m.tool_calls[0].function %}{\"name\": \"{{ c.name }}\", \"parameters\": {{ c.arguments | tojson }}}"
+    "<|eot_id|>{%- elif m.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>\n\n{{ m.content }}<|eot_id|>"
+    "{%- else %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{%- endif %}")
+
+
+@pytest.mark.parametrize("template,call", [
+    (None, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'),
+    (QWEN_STYLE, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'),
+    (LLAMA_STYLE, '{"name": "get_weather", "parameters": {"city": "Paris"}}'),
+])
+def test_templates_render_tools_calls_and_results(bpe, template, call):
+    tok = Tokenizer(bpe.backend, chat_template=template)
+    text = tok.apply_chat_template(CALL_MESSAGES, tools=TOOLS)
+    assert call in text and "21 C" in text
+    assert "Weather <now> & 'later'" in text  # tojson as Hugging Face defines it: no HTML escaping
+    assert json.dumps(TOOLS[0]) in text or json.dumps(TOOLS[0], indent=4) in text
+    plain = tok.apply_chat_template(CALL_MESSAGES[:1])
+    assert "get_weather" not in plain  # no tools given: no tools section
+
+
+def test_chatml_tool_results_share_one_user_turn(bpe):
+    two = CALL_MESSAGES[:2] + [{"role": "tool", "content": "a"}, {"role": "tool", "content": "b"}]
+    text = bpe.apply_chat_template(two, tools=TOOLS, add_generation_prompt=False)
+    assert text.endswith("<|im_start|>user\n<tool_response>\na\n</tool_response>\n<tool_response>\nb\n"
+                         "</tool_response><|im_end|>\n")
+    assert text.startswith("<|im_start|>system\n# Tools") and text.count("<|im_start|>system") == 1

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the refusal with finish_reason content_filter")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores but one, kept for the HTTP event loop)")
+    parser.add_argument("--embedding-pooling", default="last", choices=["last", "mean"],
+                        help="how /v1/embeddings pools the final norm's output: the last token (default) or the mean")
     parser.add_argument("--graceful-timeout", type=float, default=30.0,
                         help="seconds to let in-flight requests finish on SIGTERM")
 
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         api_keys=collect_keys(args.api_key, args.api_keys_file),
         max_batch=args.max_concurrency, max_queue=args.max_queue, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, requests_per_minute=args.rate_limit_rpm,
-        tokens_per_minute=args.rate_limit_tpm, redact_pii=args.redact_pii, moderation=args.moderation)
+        tokens_per_minute=args.rate_limit_tpm, redact_pii=args.redact_pii, moderation=args.moderation,
+        embedding_pooling=args.embedding_pooling)
     app = create_app(load_model_dir(model_dir, args.dtype), options)
     print(f"gptforge serve: {options.model_name} on http://{args.host}:{args.port} "
           f"({'API keys required' if options.api_keys else 'no API keys configured'})", flush=True)

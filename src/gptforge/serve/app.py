@@ -48,6 +48,7 @@ class ServerOptions:
     tokens_per_minute: Optional[int] = None
     redact_pii: str = "off"  # off | logs | content (content also masks logs)
     moderation: Optional[str] = None  # a gptforge.safety policy YAML for prompts and outputs
+    embedding_pooling: str = "last"  # last | mean (serving_embeddings.py says why "last")
     log_json: bool = True
 
 
@@ -77,6 +78,7 @@ class Endpoints:
     completions: Any
     chat: Any
     tokenization: Any
+    embeddings: Any
 
 
 class JSONLogFormatter(logging.Formatter):
@@ -234,8 +236,10 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
 
     def load() -> None:
         from .engine import Engine
+        from .grammar import GrammarEngine
         from .serving_chat import ChatServing
         from .serving_completions import CompletionServing
+        from .serving_embeddings import EmbeddingServing
         from .serving_tokenize import TokenizeServing
 
         try:
@@ -245,12 +249,16 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
             engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
                             request_timeout=options.request_timeout, metrics=state.metrics)
             state.engine = engine
+            # Built once here (about a second for a 50k vocabulary), not by the first structured request.
+            grammars = GrammarEngine(tokenizer, engine.vocab_size, engine.stop_ids)
             common = dict(redact_content=options.redact_pii == "content", rate_limiter=state.rate_limiter,
-                          moderator=state.moderator)
+                          moderator=state.moderator, grammars=grammars)
             state.endpoints = Endpoints(
                 completions=CompletionServing(engine, tokenizer, options.model_name, **common),
                 chat=ChatServing(engine, tokenizer, options.model_name, **common),
-                tokenization=TokenizeServing(engine, tokenizer, options.model_name, **common))
+                tokenization=TokenizeServing(engine, tokenizer, options.model_name, **common),
+                embeddings=EmbeddingServing(engine, tokenizer, options.model_name, pooling=options.embedding_pooling,
+                                            **common))
             log.info("model %s ready", options.model_name,
                      extra={"fields": {"params": model.num_params(), "block_size": engine.block_size,
                                        "max_batch": options.max_batch}})

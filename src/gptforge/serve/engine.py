@@ -21,8 +21,9 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -35,10 +36,12 @@ log = logging.getLogger("gptforge.serve.engine")
 
 
 class Constraint(Protocol):
-    """Per-sequence constrained decoding (JSON mode): which tokens may come next, given a token budget."""
+    """Per-sequence constrained decoding (structured outputs, tool calls): which tokens may come next, given a
+    token budget."""
 
     def allowed(self, budget: int) -> torch.Tensor | int:
-        """A bool mask (V,) of allowed tokens, or one token id that must come next."""
+        """A bool mask (V,) of allowed tokens, a float32 bias (V,) added to the logits (0 allowed, -inf not:
+        several times cheaper than a masked fill on a large vocabulary), or one token id that must come next."""
 
     def advance(self, token: int) -> None:
         """Record the chosen token."""
@@ -147,6 +150,7 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # _running[i] holds cache row i
         self._pending: list[_Sequence] = []  # sequences with events to deliver at the end of this step
+        self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()  # model work run between steps
         self._cond = threading.Condition()
         self._stopping = False
         self._step_times: deque[float] = deque(maxlen=32)
@@ -180,6 +184,17 @@ class Engine:
             self._cond.notify()
         return RequestHandle(seqs)
 
+    def run_between_steps(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn()` on the engine thread between two decode steps (other work on the model, such as an
+        embedding forward, so it never overlaps a step); one job per step, so generation keeps flowing."""
+        future: Future = Future()
+        with self._cond:
+            if self._stopping:
+                raise APIError(503, "server is shutting down", code="shutting_down")
+            self._jobs.append((fn, future))
+            self._cond.notify()
+        return future
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Refuse new work, let running and queued sequences finish (up to `timeout`), stop the thread."""
         with self._cond:
@@ -203,10 +218,18 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._waiting and not self._running and not self._stopping:
+                    while not self._waiting and not self._running and not self._jobs and not self._stopping:
                         self._cond.wait()
-                    if self._stopping and not self._waiting and not self._running:
+                    if self._stopping and not self._waiting and not self._running and not self._jobs:
                         return
+                    job = self._jobs.popleft() if self._jobs else None
+                if job is not None:
+                    fn, future = job
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn())
+                        except BaseException as exc:  # the caller gets it; the engine goes on
+                            future.set_exception(exc)
                 try:
                     self._step()
                 except Exception as exc:  # a bug in a batch-wide step: fail the batch, keep serving
@@ -332,8 +355,10 @@ class Engine:
                 allowed = seq.req.constraint.allowed(seq.req.max_tokens - len(seq.emitter.tokens))
                 if isinstance(allowed, int):
                     forced[i] = allowed
-                else:
+                elif allowed.dtype == torch.bool:
                     logits[i].masked_fill_(~allowed, float("-inf"))
+                else:
+                    logits[i].add_(allowed)
         params = [s.req.params for s in seqs]
         processed = process_logits(logits, params, [s.emitter.tokens for s in seqs],
                                    [s.req.prompt_ids for s in seqs])

@@ -30,7 +30,7 @@ def _valid_unicode(value: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 TokenIds = list[int]
 # "content_filter": the moderation policy (--moderation) blocked the prompt or the output.
-FinishReason = Literal["stop", "length", "content_filter"]
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 Stop = Optional[Union[Annotated[Text, Field(max_length=MAX_STOP_LENGTH)],
                       Annotated[list[Annotated[Text, Field(max_length=MAX_STOP_LENGTH)]],
                                 Field(max_length=MAX_STOP_STRINGS)]]]
@@ -40,8 +40,65 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the schema the reply must match (always enforced, `strict` or not)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: Annotated[Text, Field(max_length=64)] = "response"
+    description: Optional[Text] = None
+    schema_: Optional[Union[dict[str, Any], bool]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
 class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: Optional[JSONSchemaFormat] = None
+
+
+class StructuredOutputs(BaseModel):
+    """Extension (vLLM's names): constrain the output to exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: Optional[Union[dict[str, Any], bool]] = Field(None, alias="json")  # a JSON schema
+    regex: Optional[Text] = None
+    choice: Optional[list[Text]] = None
+    grammar: Optional[Text] = None  # a Lark grammar (llguidance's dialect)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: Annotated[Text, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: Optional[Text] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class FunctionCall(BaseModel):
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: Text = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class CompletionRequest(BaseModel):
@@ -73,6 +130,7 @@ class CompletionRequest(BaseModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     token_healing: bool = False  # re-choose a text prompt's last token (gptforge.healing); not with echo
+    structured_outputs: Optional[StructuredOutputs] = None
 
 
 class TextPart(BaseModel):
@@ -86,6 +144,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[Text, list[TextPart]]] = None
     name: Optional[Text] = None
+    tool_calls: Optional[list[ToolCall]] = None  # an assistant turn that called tools
+    tool_call_id: Optional[Text] = None  # a tool turn: the call it answers
 
     def text(self) -> str:
         """The message content as plain text (text parts joined)."""
@@ -109,6 +169,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     max_tokens: Optional[int] = Field(None, ge=1)
     n: int = Field(1, ge=1, le=16)
+    parallel_tool_calls: bool = True
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     response_format: Optional[ResponseFormat] = None
     seed: Optional[int] = Field(None, ge=-2**63, le=2**63 - 17)  # + choice index stays in int64
@@ -116,6 +177,8 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    tools: Optional[list[ChatTool]] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: Optional[Text] = None
@@ -123,6 +186,7 @@ class ChatCompletionRequest(BaseModel):
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
+    structured_outputs: Optional[StructuredOutputs] = None
 
 
 class Usage(BaseModel):
@@ -174,6 +238,7 @@ class ChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     content: Optional[str] = None
     role: Literal["assistant"] = "assistant"
+    tool_calls: Optional[list[ToolCall]] = None
 
 
 class ChatChoice(BaseModel):
@@ -192,9 +257,22 @@ class ChatCompletionResponse(BaseModel):
     usage: Optional[Usage] = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class Delta(BaseModel):
     content: Optional[str] = None
     role: Optional[Literal["assistant"]] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -211,6 +289,37 @@ class ChatCompletionChunk(BaseModel):
     model: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     usage: Optional[Usage] = None
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: Union[Text, Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)], TokenIds,
+                 Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+    model: Text
+    dimensions: Optional[int] = Field(None, ge=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: Optional[Text] = None
+
+
+class EmbeddingData(BaseModel):
+    embedding: Union[list[float], str]  # base64: little-endian float32 bytes, as OpenAI sends them
+    index: int
+    object: Literal["embedding"] = "embedding"
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    data: list[EmbeddingData]
+    model: str
+    object: Literal["list"] = "list"
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

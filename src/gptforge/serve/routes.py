@@ -9,8 +9,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 
 from .errors import APIError
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                       DetokenizeRequest, DetokenizeResponse, ModelList, TokenizeRequest, TokenizeResponse,
-                       TokenizerInfo)
+                       DetokenizeRequest, DetokenizeResponse, EmbeddingRequest, EmbeddingResponse, ModelList,
+                       TokenizeRequest, TokenizeResponse, TokenizerInfo)
 
 router = APIRouter()
 
@@ -70,6 +70,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     request.state.user = body.user
     return _reply(await _endpoints(request).chat.create(body, request, _key_id(request)))
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse, tags=["openai"])
+async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    request.state.user = body.user
+    return JSONResponse(await _endpoints(request).embeddings.create(body, request, _key_id(request)))
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, tags=["tokenizer"])

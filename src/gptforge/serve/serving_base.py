@@ -22,7 +22,7 @@ from ..safety import CONTENT_FILTER, Moderator
 from ..sampling import SamplingParams
 from .engine import Engine, PromptLogprobs, RequestHandle, SeqEvent, SequenceRequest
 from .errors import APIError, invalid_param
-from .json_grammar import JSONConstraint, JSONObjectConstraint, token_byte_table
+from .grammar import GrammarConstraint, GrammarEngine, GrammarSpec
 from .pii import mask_pii
 from .protocol import Usage
 from .ratelimit import RateLimiter
@@ -59,6 +59,7 @@ class Prepared:
     sequences: list[SequenceRequest]
     max_tokens: int
     blocked: bool = False  # the moderation policy refused the input: answer with the refusal, generate nothing
+    tool_names: frozenset[str] = frozenset()  # chat with tools: these calls are parsed out of the output
 
 
 @dataclass
@@ -72,7 +73,8 @@ class ServingBase:
     """State and helpers shared by the endpoint classes; one instance of each endpoint per server."""
 
     def __init__(self, engine: Engine, tokenizer: Any, model_name: str, *, redact_content: bool = False,
-                 rate_limiter: Optional[RateLimiter] = None, moderator: Optional[Moderator] = None) -> None:
+                 rate_limiter: Optional[RateLimiter] = None, moderator: Optional[Moderator] = None,
+                 grammars: Optional[GrammarEngine] = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -87,7 +89,7 @@ class ServingBase:
         longest = max((len(b) for b in table if b), default=1) if table is not None else None
         self.max_prompt_bytes = self.block_size * longest if longest else None
         self._token_str_cache: dict[int, str] = {}
-        self._json_grammar: Optional[JSONConstraint] = None
+        self._grammars = grammars
 
     # ---- checks -------------------------------------------------------------------------------
     def check_model(self, model: Optional[str], required: bool = True) -> None:
@@ -144,9 +146,12 @@ class ServingBase:
         ids = self.tokenizer.encode(text)
         return ids or [self.stop_ids[0] if self.stop_ids else 0]  # an empty prompt still needs one token
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: Optional[list[dict[str, Any]]] = None) -> str:
+        """The conversation (and tools) as the chat template renders it; 400 `messages` when it cannot."""
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tools=tools)
         except ValueError as exc:
             raise invalid_param("messages", str(exc)) from exc
 
@@ -170,11 +175,47 @@ class ServingBase:
         except ParameterError as exc:
             raise invalid_param(PARAM_NAMES.get(exc.param, exc.param), str(exc)) from exc
 
-    def json_constraint(self) -> JSONObjectConstraint:
-        """A fresh JSON-object constraint for one sequence (the vocabulary's byte table is built once)."""
-        if self._json_grammar is None:
-            self._json_grammar = JSONConstraint(token_byte_table(self.tokenizer, self.vocab_size))
-        return JSONObjectConstraint(self._json_grammar)
+    @property
+    def grammars(self) -> GrammarEngine:
+        """The server's grammar engine (built on first use when the app did not hand one over)."""
+        if self._grammars is None:
+            self._grammars = GrammarEngine(self.tokenizer, self.vocab_size, self.stop_ids)
+        return self._grammars
+
+    @staticmethod
+    def output_spec(response_format: Any, structured: Any) -> Optional[GrammarSpec]:
+        """The grammar asked for by `response_format` and/or the `structured_outputs` extension (not both)."""
+        spec = None
+        if response_format is not None and response_format.type == "json_object":
+            spec = GrammarSpec.json_object()
+        elif response_format is not None and response_format.type == "json_schema":
+            fmt = response_format.json_schema
+            if fmt is None or fmt.schema_ is None:
+                raise invalid_param("response_format.json_schema.schema", "give the JSON schema the reply must match")
+            spec = GrammarSpec.json_schema(fmt.schema_, "response_format.json_schema.schema")
+        if structured is None:
+            return spec
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(structured, k) is not None]
+        if len(given) != 1:
+            raise invalid_param("structured_outputs", "give exactly one of json, regex, choice or grammar")
+        if spec is not None:
+            raise invalid_param("structured_outputs", "use either response_format or structured_outputs, not both")
+        kind = given[0]
+        value = getattr(structured, kind)
+        if kind == "json_":
+            return GrammarSpec.json_schema(value, "structured_outputs.json")
+        if kind == "regex":
+            return GrammarSpec.regex(value, "structured_outputs.regex")
+        if kind == "choice":
+            return GrammarSpec.choice(value, "structured_outputs.choice")
+        return GrammarSpec.lark(value, "structured_outputs.grammar")
+
+    async def constraints(self, spec: Optional[GrammarSpec], count: int) -> list[Optional[GrammarConstraint]]:
+        """`count` fresh constraints for `spec` (compiled off the event loop, cached), or Nones without one."""
+        if spec is None:
+            return [None] * count
+        compiled = await self.run_cpu(self.grammars.compile, spec)
+        return [self.grammars.constraint(compiled) for _ in range(count)]
 
     # ---- rate limits and usage ----------------------------------------------------------------
     def admit_tokens(self, key_id: str, prep: Prepared) -> int:

@@ -1,4 +1,5 @@
-"""POST /v1/completions: text and token-id prompts, n choices, echo, log-probs, streaming."""
+"""POST /v1/completions: text and token-id prompts, n choices, echo, log-probs, streaming, structured outputs
+(the `structured_outputs` extension)."""
 
 from __future__ import annotations
 
@@ -42,19 +43,22 @@ class CompletionServing(ServingBase):
                 self.check_length(len(p), body.max_tokens or 0, "prompt")
                 self.check_token_ids(p, "prompt")
         self.rate_limiter.admit_request(key_id)
+        spec = await self.run_cpu(self.output_spec, None, body.structured_outputs)
         prompts, texts = await self.run_cpu(self._tokenize_all, raw)
         max_tokens = self.completion_budget(body.max_tokens, [len(p) for p in prompts], "prompt")
         if max_tokens == 0 and not body.echo:
             raise invalid_param("max_tokens", "max_tokens must be at least 1 (0 is allowed only with echo)")
         params = self.sampling_params(body, max_tokens, body.logprobs or 0, body.logprobs is not None)
-        healed = [heal_prompt(self.tokenizer, p) if body.token_healing and not body.echo and t is not None else None
-                  for p, t in zip(prompts, texts)]
+        constraints = await self.constraints(spec, len(prompts) * body.n)
+        healed = [heal_prompt(self.tokenizer, p) if body.token_healing and spec is None and not body.echo
+                  and t is not None else None for p, t in zip(prompts, texts)]
         prompts = [h.prompt_ids if h is not None else p for p, h in zip(prompts, healed)]  # what the model reads
         seqs = []
         for i, p in enumerate(prompts):
             for j in range(body.n):
                 seq_params = params if body.seed is None else params.replace(seed=body.seed + j)
-                seq = self._sequence(i * body.n + j, p, seq_params, max_tokens, body.echo and body.logprobs is not None)
+                seq = self._sequence(i * body.n + j, p, seq_params, max_tokens,
+                                     body.echo and body.logprobs is not None, constraints[i * body.n + j])
                 if healed[i] is not None:
                     seq.prompt_ids, seq.hidden_prefix = healed[i].prompt_ids, healed[i].hidden_text
                     seq.constraint, seq.healing = healed[i].constraint(), True
@@ -85,9 +89,9 @@ class CompletionServing(ServingBase):
         return prompts, texts
 
     def _sequence(self, index: int, prompt: list[int], params: Any, max_tokens: int,
-                  prompt_logprobs: bool) -> SequenceRequest:
+                  prompt_logprobs: bool, constraint: Any = None) -> SequenceRequest:
         return SequenceRequest(index=index, prompt_ids=prompt, params=params, max_tokens=max_tokens,
-                               prompt_logprobs=prompt_logprobs, stop_token_ids=self.stop_ids)
+                               prompt_logprobs=prompt_logprobs, stop_token_ids=self.stop_ids, constraint=constraint)
 
     # ---- responses ----------------------------------------------------------------------------
     async def create(self, body: CompletionRequest, request: Request, key_id: str) -> Any:
