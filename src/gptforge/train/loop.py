@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from ..atomic import atomic_directory, atomic_write_text
 from ..checkpoint import (CheckpointError, capture_rng_state, load_state, load_tensors, restore_rng_state,
                           save_state, save_tensors)
+from ..formatting import metric_phrase
 from . import distributed as D
 from .metrics import MetricsLogger, ProgressBar, estimate_peak_flops, plot_loss_curve
 from .optim import build_optimizer
@@ -348,7 +349,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_source: BatchSource, out_dir
         bare.train(was_training)
         result.metrics = metrics
         logger.log({"step": step, **metrics})
-        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        bar.write(f"step {step}: " + ", ".join(metric_phrase(k, v) for k, v in metrics.items()))
         value = metrics.get(cfg.early_stopping_metric)
         if value is None:
             if cfg.early_stopping_patience or cfg.save_best:
