@@ -232,9 +232,10 @@ class ConfigSource:
                 return f"command line ({typed})"
         return self.file
 
-
-def _as_source(source: "str | ConfigSource") -> ConfigSource:
-    return source if isinstance(source, ConfigSource) else ConfigSource(str(source))
+    @classmethod
+    def of_file(cls, source: "str | ConfigSource") -> "ConfigSource":
+        """`source` itself, or a ConfigSource for the file name `source` (no command-line values)."""
+        return source if isinstance(source, ConfigSource) else cls(str(source))
 
 
 def load_yaml(path: str | Path, kind: str = "config file") -> dict[str, Any]:
@@ -404,8 +405,8 @@ def check_value(value: Any, annotation: Any, source: "str | ConfigSource", dotte
     try:
         return _convert(value, annotation)
     except _Mismatch:
-        raise ConfigError(f"{_as_source(source).of(dotted)}: {dotted} must be {describe_type(annotation)}, "
-                          f"got {value!r}") from None
+        origin = ConfigSource.of_file(source).of(dotted)
+        raise ConfigError(f"{origin}: {dotted} must be {describe_type(annotation)}, got {value!r}") from None
 
 
 def unknown_field_message(source: "str | ConfigSource", prefix: str, name: str, known: Sequence[str]) -> str:
@@ -413,7 +414,7 @@ def unknown_field_message(source: "str | ConfigSource", prefix: str, name: str, 
     dotted = f"{prefix}{name}"
     close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}?" if close else f"known fields: {', '.join(sorted(known))}"
-    return f"{_as_source(source).of(dotted)}: unknown field {dotted}; {hint}"
+    return f"{ConfigSource.of_file(source).of(dotted)}: unknown field {dotted}; {hint}"
 
 
 def dataclass_from_dict(cls: type, data: Any, source: "str | ConfigSource", prefix: str = "") -> Any:
@@ -428,8 +429,8 @@ def dataclass_from_dict(cls: type, data: Any, source: "str | ConfigSource", pref
     section = prefix.rstrip(".")
     if not isinstance(data, dict):
         where = f"section {section}" if section else "the top level"
-        raise ConfigError(f"{_as_source(source).of(section)}: {where} must be a mapping of field: value, "
-                          f"got {data!r}")
+        origin = ConfigSource.of_file(source).of(section)
+        raise ConfigError(f"{origin}: {where} must be a mapping of field: value, got {data!r}")
     hints = _field_types(cls)
     known = [f.name for f in fields(cls) if f.init]
     for name in data:
@@ -439,7 +440,7 @@ def dataclass_from_dict(cls: type, data: Any, source: "str | ConfigSource", pref
     try:
         return cls(**values)
     except ConfigError as exc:  # a check of the class itself (__post_init__): say which file it concerns
-        raise ConfigError(f"{_as_source(source).file}: {section + ': ' if section else ''}{exc}") from None
+        raise ConfigError(f"{ConfigSource.of_file(source).file}: {section + ': ' if section else ''}{exc}") from None
 
 
 __all__ = [

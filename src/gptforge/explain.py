@@ -224,7 +224,7 @@ def _label(token: str, limit: int = 12) -> str:
 
 
 def _percent(probability: float) -> str:
-    """A probability as a percentage with the digits that matter: 0.4321 -> '43%', 0.0213 -> '2.1%', 0.00021 -> '0.02%'."""
+    """A probability as a percentage with the digits that matter: 0.4321 -> '43%', 0.0213 -> '2.1%'."""
     pct = 100.0 * probability
     if pct >= 99.95:
         return "100%"

@@ -10,7 +10,7 @@ import math
 
 
 def round_figure(value: float) -> str:
-    """3 significant digits, no exponent for everyday magnitudes: 5.4741 -> '5.47', 238.44 -> '238', 4174.2 -> '4,174'."""
+    """3 significant digits, no exponent for everyday sizes: 5.4741 -> '5.47', 238.44 -> '238', 4174.2 -> '4,174'."""
     if not math.isfinite(value):
         return str(value)
     if value == 0:

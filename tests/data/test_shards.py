@@ -204,7 +204,8 @@ def test_empty_corpus_fails_before_tokenizer_training(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     assert main(["prepare", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"gptforge prepare: error: corpus is empty: sources ['{tmp_path / 'empty.txt'}'] yielded no text"
+    empty = tmp_path / "empty.txt"
+    assert err.strip() == f"gptforge prepare: error: corpus is empty: sources ['{empty}'] yielded no text"
     assert not (tmp_path / "out").exists()
 
 

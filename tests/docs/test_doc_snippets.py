@@ -17,6 +17,7 @@ _spec = importlib.util.spec_from_file_location("run_doc_snippets", REPO / "tools
 snippets = importlib.util.module_from_spec(_spec)
 sys.modules["run_doc_snippets"] = snippets  # dataclasses look their module up by name
 _spec.loader.exec_module(snippets)
+bash_blocks = snippets.bash_blocks  # shared with test_pages.py
 
 
 def test_fence_parser(tmp_path):
@@ -41,19 +42,6 @@ def test_readme_install_blocks_are_left_to_ci():
     blocks = snippets.runnable_blocks(REPO / "README.md")
     assert blocks and not any("pip install" in code for _, code in blocks)
     assert any("pip install" in code for _, code in snippets.bash_blocks(REPO / "README.md"))
-
-
-def test_ci_runs_the_readme_commands_verbatim():
-    """.ci/run runs README's set-up commands as written (command 1 in a venv of its own, then the snippets)."""
-    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
-    commands = [line for _, code in snippets.bash_blocks(REPO / "README.md") for line in code.splitlines()
-                if "pip install" in line]
-    assert len(commands) == 2
-    for command in commands:
-        assert command.split(" && gptforge demo")[0] in ci
-    order = [ci.index("python -m venv"), ci.index("/bin/activate"), ci.index(commands[0].split(" && gptforge")[0]),
-             ci.index("tools/run_doc_snippets.py --venv"), ci.index(commands[1])]
-    assert order == sorted(order), "README command 1, then the snippets, in a fresh venv; command 2 after"
 
 
 @pytest.mark.slow

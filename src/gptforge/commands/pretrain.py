@@ -13,7 +13,8 @@ from typing import Any
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML recipe with model / data / train sections")
     parser.add_argument("--resume", action="store_true", help="continue exactly from the run's latest checkpoint")
-    parser.add_argument("--json", action="store_true", help="end with a JSON summary (for scripts) instead of sentences")
+    parser.add_argument("--json", action="store_true",
+                        help="end with a JSON summary (for scripts) instead of sentences")
     parser.epilog = ("Override any recipe field with --section.key=value, e.g. --train.max_steps=200 "
                      "--data.sources=[notes.txt] --out_dir=runs/x. Multi-process: torchrun --nproc_per_node N "
                      "-m gptforge.cli pretrain --config ...")

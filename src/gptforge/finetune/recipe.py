@@ -145,7 +145,7 @@ def recipe_from_dict(data: dict[str, Any], source: str | ConfigSource = "recipe"
     """Build and validate a FinetuneRecipe; wrong types and unknown keys are errors naming the field."""
     from ..train.loop import TrainConfig
 
-    source = source if isinstance(source, ConfigSource) else ConfigSource(str(source))
+    source = ConfigSource.of_file(source)
     data = copy.deepcopy(data)
     tasks_raw = data.pop("tasks", None) or []
     if not isinstance(tasks_raw, list):
@@ -172,7 +172,8 @@ def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     """A recipe from YAML (optional), command-line values and `section.key=value` overrides."""
     raw: dict[str, Any] = load_yaml(path) if path else {}
     source = ConfigSource(str(path) if path else "finetune")
-    for name, value, flag in (("model", model, "--model"), ("out_dir", out_dir, "--out"), ("method", method, "--method")):
+    flags = (("model", model, "--model"), ("out_dir", out_dir, "--out"), ("method", method, "--method"))
+    for name, value, flag in flags:
         if value:
             raw[name] = value
             source.overrides[name] = f"{flag} {value}"

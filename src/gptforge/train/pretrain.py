@@ -72,7 +72,7 @@ def recipe_from_dict(data: dict[str, Any], source: str | ConfigSource = "recipe"
     """Build a Recipe from a mapping; wrong types, unknown sections or fields raise ConfigError naming them."""
     from .loop import TrainConfig
 
-    source = source if isinstance(source, ConfigSource) else ConfigSource(str(source))
+    source = ConfigSource.of_file(source)
     for name in data:
         if name not in RECIPE_SECTIONS:
             raise ConfigError(unknown_field_message(source, "", name, RECIPE_SECTIONS))
@@ -106,7 +106,7 @@ def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def model_config(recipe: Recipe, vocab_size: int, source: str | ConfigSource = "recipe") -> Config:
     """The model Config of a recipe: preset, then explicit fields; vocab and context filled from the data."""
-    source = source if isinstance(source, ConfigSource) else ConfigSource(str(source))
+    source = ConfigSource.of_file(source)
     fields = dict(recipe.model)
     fields.pop("init_from", None)
     preset = fields.pop("preset", None)
