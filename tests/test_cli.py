@@ -10,7 +10,7 @@ import pytest
 
 from gptforge.cli import COMMANDS, main
 
-HEAVY = ("torch", "numpy", "tokenizers", "safetensors", "matplotlib", "fastapi", "transformers")
+HEAVY = ("torch", "numpy", "tokenizers", "safetensors", "matplotlib", "fastapi", "transformers", "yaml")
 
 # Runs the CLI in a fresh interpreter and reports which heavy modules it imported.
 PROBE = """

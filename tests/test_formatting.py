@@ -8,8 +8,9 @@ from gptforge.formatting import human_bytes, metric_phrase, round_figure
 
 
 @pytest.mark.parametrize("value, shown", [(5.4741, "5.47"), (238.4417, "238"), (4174.1629, "4,174"),
-                                          (0.8125, "0.812"), (0.01234, "0.0123"), (1.0, "1"), (0.0, "0"),
-                                          (0.00001234, "1.23e-05"), (-2.5, "-2.5"), (math.inf, "inf")])
+                                          (0.8125, "0.812"), (0.01234, "0.0123"), (1.0, "1.00"), (0.0, "0"),
+                                          (5.3958, "5.40"), (99.96, "100"), (12.0, "12.0"),
+                                          (0.00001234, "1.23e-05"), (-2.5, "-2.50"), (math.inf, "inf")])
 def test_round_figure(value, shown):
     assert round_figure(value) == shown
 

@@ -19,7 +19,7 @@ def round_figure(value: float) -> str:
     if magnitude >= 100:
         return f"{value:,.0f}"
     if magnitude >= 1e-3:
-        return f"{value:.3g}"
+        return f"{value:#.3g}".rstrip(".")  # '#' keeps trailing zeros: 5.40 next to 5.47, not 5.4
     return f"{value:.2e}"
 
 

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from gptforge.config import ConfigError
+from gptforge.formatting import round_figure
 from gptforge.train.metrics import read_metrics
 from gptforge.train.pretrain import load_recipe, model_config, pretrain
 from gptforge.loading import load, load_model
@@ -96,7 +97,7 @@ def test_pretrain_cli_and_resume_extends_a_run(tmp_path, capsys):
     assert f"  model:       {run / 'model'}\n" in captured.out
     assert f"  loss curve:  {run / 'loss_curve.png'}\n" in captured.out
     assert f"  metrics:     {run / 'metrics.jsonl'}" in captured.out
-    assert f"validation loss {result['metrics']['val_loss']:.3g}, perplexity" in captured.out
+    assert f"validation loss {round_figure(result['metrics']['val_loss'])}, perplexity" in captured.out
     assert "{" not in captured.out and str(result["last_loss"]) not in captured.out  # no raw floats
     evals = re.findall(r"step \d+: val_loss (\S+), perplexity (\S+)", captured.err)
     assert evals and all(len(loss.rstrip(",")) <= 5 for loss, _ in evals), captured.err

@@ -358,8 +358,7 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
     log.debug("prepared %s: %d documents, %d tokens (%s), train %d / val %d", out_dir, n_docs, total, dtype_name,
              manifest["split_tokens"]["train"], manifest["split_tokens"]["val"])
-    if corpus.skipped:
-        log.warning("skipped %d file(s) that are not UTF-8: %s", len(corpus.skipped), ", ".join(corpus.skipped[:10]))
+    # Each skipped file was reported as it was read (corpus.py); the manifest lists them all.
     return load_prepared(out_dir)
 
 
