@@ -357,7 +357,7 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
     log.debug("prepared %s: %d documents, %d tokens (%s), train %d / val %d", out_dir, n_docs, total, dtype_name,
-             manifest["split_tokens"]["train"], manifest["split_tokens"]["val"])
+              manifest["split_tokens"]["train"], manifest["split_tokens"]["val"])
     # Each skipped file was reported as it was read (corpus.py); the manifest lists them all.
     return load_prepared(out_dir)
 
