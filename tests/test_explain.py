@@ -202,3 +202,53 @@ def test_large_attention_goes_to_npy(tiny_model, tmp_path, monkeypatch):
     assert np.allclose(stored, result.attentions.numpy(), atol=1e-3)
     assert "attentions" not in json.loads(written["json"].read_text())
     assert '"attentions"' not in written["html"].read_text()
+
+
+# ---- what a person reads: the table, the labels, the pictures' size -----------------------------------
+
+def test_table_shows_readable_tokens_and_percentages(tiny_model):
+    from gptforge.explain import _label, _percent
+
+    model, tokenizer = tiny_model
+    result = explain(model, "def add(a, b):\n    return a + b", tokenizer, top_k=3)
+    table = format_table(result)
+    assert "\\n" not in table and "\\\\" not in table  # newlines are drawn (↵), never escaped, let alone twice
+    newline_token = next(t for t in result.tokens if "\n" in t.token)
+    assert f"'{_label(newline_token.token, 12)}'" in table and "↵" in _label(newline_token.token)
+    for t in result.tokens[1:]:
+        row = next(line for line in table.splitlines() if line.lstrip().startswith(f"{t.position}  "))
+        assert _percent(math.exp(t.logprob)) in row and f"{t.logprob:.3f}" in row
+        for a in t.top_alternatives:
+            assert f"'{_label(a.token)}' {_percent(math.exp(a.logprob))}" in row
+    assert " 0.00 " not in table and "0.00%" not in table
+    assert table.splitlines()[-1].startswith(f"Mean surprisal {result.mean_surprisal_bits:.2f} bits per token")
+
+
+@pytest.mark.parametrize("probability, shown", [(0.999, "99.9%"), (0.9996, "100%"), (0.4321, "43%"),
+                                                (0.0213, "2.1%"), (0.00213, "0.21%"), (0.00002, "<0.01%")])
+def test_percentages_keep_the_digits_that_matter(probability, shown):
+    from gptforge.explain import _percent
+
+    assert _percent(probability) == shown
+
+
+def test_labels_draw_whitespace_once():
+    from gptforge.explain import _label
+
+    assert _label("\n    x") == "↵····x"
+    assert _label("\t") == "⇥" and _label("") == "∅" and _label("\x00") == "\\x00"
+    assert _label("abcdefghijklmnop", 8) == "abcdefg…"
+
+
+def test_attention_png_fits_the_page_at_full_size(tiny_model):
+    """The page is 1100 px wide: a PNG wider than that is shrunk, and its token labels with it."""
+    import struct
+
+    from gptforge.explain import attention_figure_png
+
+    model, tokenizer = tiny_model
+    for text in ("def add", "def add(a, b):\n    return a + b\n" * 2):
+        result = explain(model, text, tokenizer)
+        png = attention_figure_png(result.attentions[0], result.token_strings, "layer 0")
+        width, height = struct.unpack(">II", png[16:24])
+        assert 600 <= width <= 1000, (len(result.tokens), width)

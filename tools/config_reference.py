@@ -200,8 +200,11 @@ def render() -> str:
         " tests/docs/test_config_reference.py fails when this page is out of date. -->",
         "",
         "Every recipe and command uses one scheme: dataclasses filled from YAML, with dotted command-line",
-        "overrides such as `--train.lr=3e-4` applied on top (`gptforge.config.apply_overrides`). Unknown keys",
-        "are an error that names the file and the key.",
+        "overrides such as `--train.lr=3e-4` applied on top (`gptforge.config.apply_overrides`). Every value",
+        "is checked against the type below, and a mistake is one line naming the file (or the command line),",
+        "the field, the value and what was expected: `tiny.yaml: train.max_steps must be an integer, got",
+        "'five'`. Unknown names get the closest known one: `unknown field model.n_layers; did you mean",
+        "n_layer?`. A YAML syntax error names the file, line and column.",
         "",
     ]
     for heading, target, where in SECTIONS:

@@ -14,13 +14,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .config import PRESETS, Config
 from .errors import ConfigError, GptforgeError
 
 __version__ = "0.1.0"
 
-# name -> module that defines it (imported lazily by __getattr__)
+# name -> module that defines it (imported lazily by __getattr__; even the config, which needs PyYAML,
+# stays out of `gptforge --version` and `--help`)
 _LAZY = {
+    "Config": "gptforge.config",
+    "PRESETS": "gptforge.config",
     "GPT": "gptforge.model",
     "KVCache": "gptforge.model",
     "Tokenizer": "gptforge.tokenizer",

@@ -39,7 +39,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
 def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, Optional[object]]:
     parser = argparse.ArgumentParser(prog="gptforge", description="Train, adapt, evaluate and serve GPT models.")
     parser.add_argument("--version", action="version", version=f"gptforge {_version()}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging with timestamps, including other libraries' messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     module = None
@@ -49,6 +50,32 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, Optional
             module = importlib.import_module(module_name)
             module.add_arguments(p)
     return parser, module
+
+
+class PlainFormatter(logging.Formatter):
+    """gptforge's progress messages as plain lines; warnings and errors say so ("warning: ...")."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Plain lines from gptforge at INFO, other libraries only from WARNING; `verbose`: everything, timestamped."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_gptforge_cli", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._gptforge_cli = True  # type: ignore[attr-defined]
+    if verbose:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.setLevel(logging.DEBUG)
+    else:
+        handler.setFormatter(PlainFormatter())
+        root.setLevel(logging.WARNING)  # third-party INFO (e.g. httpx, datasets) stays out of the way
+    root.addHandler(handler)
+    logging.getLogger("gptforge").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _version() -> str:
@@ -69,8 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = extra
     else:
         args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     if module is None:
         parser.print_help()
         return 1

@@ -6,12 +6,16 @@ This module imports no torch so that CLIs, docs and the server can read configs 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
@@ -148,12 +152,9 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Config":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown model config field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], source: "str | ConfigSource" = "config", prefix: str = "") -> "Config":
+        """Build from a mapping; wrong types, unknown names and inconsistent sizes raise ConfigError naming `source`."""
+        return dataclass_from_dict(cls, data, source, prefix)
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":
@@ -212,21 +213,62 @@ _YAMLLoader.add_implicit_resolver(
     list("-+0123456789"))
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Load a YAML/JSON mapping, with a clear error naming the file."""
+@dataclass
+class ConfigSource:
+    """Where config values came from, for error messages: a file, and the fields the command line set."""
+
+    file: str
+    overrides: dict[str, str] = field(default_factory=dict)  # dotted field -> the override as typed
+
+    def of(self, dotted: str) -> str:
+        """The origin of field `dotted` ("recipe.yaml", or "command line (--train.lr=fast)")."""
+        parts = dotted.replace("[", ".").replace("]", "").split(".")
+        for end in range(len(parts), 0, -1):  # a field, or a section the command line replaced whole
+            typed = self.overrides.get(".".join(parts[:end]))
+            if typed is not None:
+                return f"command line ({typed})"
+        for key, typed in self.overrides.items():  # a section that only the command line created
+            if key.startswith(".".join(parts) + "."):
+                return f"command line ({typed})"
+        return self.file
+
+    @classmethod
+    def of_file(cls, source: "str | ConfigSource") -> "ConfigSource":
+        """`source` itself, or a ConfigSource for the file name `source` (no command-line values)."""
+        return source if isinstance(source, ConfigSource) else cls(str(source))
+
+
+def load_yaml(path: str | Path, kind: str = "config file") -> dict[str, Any]:
+    """Load a YAML/JSON mapping; a missing file or a syntax error is a ConfigError naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{kind} not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_YAMLLoader)
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML/JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}, line {exc.lineno}, column {exc.colno}: not valid JSON: {exc.msg}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error_message(path, exc)) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping (field: value lines) at the top level, "
+                          f"got {type(data).__name__}")
     return data
+
+
+def _yaml_error_message(path: Path, exc: yaml.YAMLError) -> str:
+    """'file, line N, column M: not valid YAML: problem (context)' from a PyYAML error."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None and context_mark is not mark:
+        problem += f" ({context} that starts at line {context_mark.line + 1})"
+    return f"{where}: not valid YAML: {problem}"
 
 
 def parse_value(text: str) -> Any:
@@ -237,34 +279,171 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides (leading dashes allowed) to a nested dict, in place."""
+def apply_overrides(data: dict[str, Any], overrides: list[str],
+                    source: Optional[ConfigSource] = None) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (leading dashes allowed) to a nested dict, in place.
+
+    With `source`, each overridden dotted name is recorded in `source.overrides`, so errors about it
+    name the command line instead of the file.
+    """
     for item in overrides:
+        typed = item
         item = item.lstrip("-")
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"command line: override {typed!r} must look like --section.key=value")
         dotted, raw = item.split("=", 1)
         keys = dotted.split(".")
         node = data
-        for key in keys[:-1]:
+        for depth, key in enumerate(keys[:-1]):
             child = node.setdefault(key, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+                raise ConfigError(f"command line ({typed}): {'.'.join(keys[:depth + 1])} is a value, not a section")
             node = child
         node[keys[-1]] = parse_value(raw)
+        if source is not None:
+            source.overrides[dotted] = typed
     return data
 
 
-def dataclass_from_dict(cls: type, data: dict[str, Any], source: str) -> Any:
-    """Build dataclass `cls` from a mapping; unknown keys are an error naming `source` and the key."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
-    return cls(**data)
+# ---- type checks from the dataclass annotations ----------------------------------------------------
+
+_NUMBER = re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+
+
+class _Mismatch(Exception):
+    """A value does not fit an annotation (internal: turned into a ConfigError naming the field)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def describe_type(annotation: Any) -> str:
+    """What a user must write for `annotation`, in words: "an integer", "one of 'a', 'b'", "a list of strings"."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [describe_type(a) for a in args if a is not type(None)]
+        text = " or ".join(options)
+        return f"{text} (or null)" if type(None) in args else text
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if annotation in (list, tuple) or origin in (list, tuple):
+        return f"a list of {_plural(args[0])}" if args else "a list"
+    if annotation is dict or origin is dict:
+        return f"a mapping of {_plural(args[0])} to {_plural(args[1])}" if args else "a mapping"
+    if dataclasses.is_dataclass(annotation):
+        return "a mapping of field: value"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _plural(annotation: Any) -> str:
+    words = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+    return words.get(annotation, describe_type(annotation))
+
+
+def _convert(value: Any, annotation: Any) -> Any:
+    """`value` as `annotation` wants it (ints for float fields, "1e-4" strings as floats), or raise _Mismatch."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any or annotation is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in args:
+            if option is not type(None):
+                try:
+                    return _convert(value, option)
+                except _Mismatch:
+                    continue
+        raise _Mismatch
+    if origin is Literal:
+        # `True == 1`, so compare types as well: `norm: 1` is not `norm: true`.
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise _Mismatch
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # `max_steps: 1e3`
+            return int(value)
+        raise _Mismatch
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _NUMBER.match(value.strip()):  # YAML 1.1 reads `1e-4` as a string
+            return float(value)
+        raise _Mismatch
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # `out_dir: 2024`, `name: 7`
+            return str(value)
+        raise _Mismatch
+    if annotation in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_convert(v, args[0]) for v in value] if args else list(value)
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return {_convert(k, args[0]): _convert(v, args[1]) for k, v in value.items()} if args else dict(value)
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        raise _Mismatch
+    return value  # an annotation without a rule here (a class the caller builds): checked by its owner
+
+
+def check_value(value: Any, annotation: Any, source: "str | ConfigSource", dotted: str) -> Any:
+    """`value` converted to `annotation`; a ConfigError naming the origin, field, value and expected type if not."""
+    try:
+        return _convert(value, annotation)
+    except _Mismatch:
+        origin = ConfigSource.of_file(source).of(dotted)
+        raise ConfigError(f"{origin}: {dotted} must be {describe_type(annotation)}, got {value!r}") from None
+
+
+def unknown_field_message(source: "str | ConfigSource", prefix: str, name: str, known: Sequence[str]) -> str:
+    """'file: unknown field model.n_layers; did you mean n_layer?' (or the list of known names)."""
+    dotted = f"{prefix}{name}"
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"known fields: {', '.join(sorted(known))}"
+    return f"{ConfigSource.of_file(source).of(dotted)}: unknown field {dotted}; {hint}"
+
+
+def dataclass_from_dict(cls: type, data: Any, source: "str | ConfigSource", prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, every value checked against its annotation.
+
+    `source` names the file (a ConfigSource also knows which fields the command line set) and `prefix`
+    the section ("train."), so errors read "recipe.yaml: train.max_steps must be an integer, got 'five'"
+    and unknown names get the closest known one: "unknown field model.n_layers; did you mean n_layer?".
+    """
+    if isinstance(data, cls):
+        return data
+    section = prefix.rstrip(".")
+    if not isinstance(data, dict):
+        where = f"section {section}" if section else "the top level"
+        origin = ConfigSource.of_file(source).of(section)
+        raise ConfigError(f"{origin}: {where} must be a mapping of field: value, got {data!r}")
+    hints = _field_types(cls)
+    known = [f.name for f in fields(cls) if f.init]
+    for name in data:
+        if name not in known:
+            raise ConfigError(unknown_field_message(source, prefix, name, known))
+    values = {name: check_value(value, hints[name], source, f"{prefix}{name}") for name, value in data.items()}
+    try:
+        return cls(**values)
+    except ConfigError as exc:  # a check of the class itself (__post_init__): say which file it concerns
+        raise ConfigError(f"{ConfigSource.of_file(source).file}: {section + ': ' if section else ''}{exc}") from None
 
 
 __all__ = [
-    "Config", "ConfigError", "PRESETS", "load_yaml", "apply_overrides", "parse_value", "dataclass_from_dict",
-    "field",
+    "Config", "ConfigError", "ConfigSource", "PRESETS", "load_yaml", "apply_overrides", "parse_value",
+    "dataclass_from_dict", "check_value", "describe_type", "unknown_field_message", "field",
 ]

@@ -54,8 +54,8 @@ RUN_FILES = ("checkpoints", "model", "best", "metrics.jsonl", "loss_curve.png", 
 
 
 def default_recipe_path() -> Path:
-    """configs/stdlib-code.yaml of the source tree this package is installed from."""
-    return Path(__file__).resolve().parents[2] / "configs" / RECIPE_NAME
+    """The shipped recipe stdlib-code.yaml (package data; `configs/` of the source tree links to it)."""
+    return Path(__file__).resolve().parent / "recipes" / RECIPE_NAME
 
 
 @dataclass
@@ -306,7 +306,7 @@ def _next_steps(report: DemoReport) -> str:
         "      (a code model: it continues text; fine-tune it with `gptforge finetune` to follow instructions)",
         f"  gptforge serve --model {model} --port 8000",
         "      (an OpenAI-compatible API, and a chat page at http://127.0.0.1:8000/)",
-        f"  gptforge explain --model {model} --text 'import os' --out explain",
+        f"  gptforge explain --model {model} --text 'def __init__(self, name): self.name = name' --out explain",
         "      (what the model expected, token by token: explain/index.html)",
         "  gptforge demo --minutes 20 --fresh   (train longer for better completions)",
     ])

@@ -212,10 +212,29 @@ def _token_text(tokenizer: Optional["Tokenizer"], token_id: int) -> str:
 
 # ---- pictures and the HTML page ---------------------------------------------------------------------
 
+# Whitespace made visible in labels: a token is often just "\n" or "    ", which would print as nothing.
+_VISIBLE = {"\n": "↵", "\t": "⇥", " ": "·"}
+
+
 def _label(token: str, limit: int = 12) -> str:
-    """A short, visible tick label: spaces as '·', newlines and tabs escaped."""
-    shown = token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "·") or "∅"
+    """A short, visible label: space '·', newline '↵', tab '⇥', other control characters as \\xNN."""
+    shown = "".join(_VISIBLE.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 32 or ord(ch) == 127 else ch)
+                    for ch in token) or "∅"
     return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def _percent(probability: float) -> str:
+    """A probability as a percentage with the digits that matter: 0.4321 -> '43%', 0.0213 -> '2.1%'."""
+    pct = 100.0 * probability
+    if pct >= 99.95:
+        return "100%"
+    if pct >= 10:
+        return f"{pct:.0f}%" if pct < 99 else f"{pct:.1f}%"
+    if pct >= 1:
+        return f"{pct:.1f}%"
+    if pct >= 0.01:
+        return f"{pct:.2f}%"
+    return "<0.01%"
 
 
 def attention_figure_png(weights: torch.Tensor, labels: Sequence[str], title: str) -> bytes:
@@ -224,27 +243,32 @@ def attention_figure_png(weights: torch.Tensor, labels: Sequence[str], title: st
     from matplotlib.figure import Figure
 
     n_head, t = weights.shape[0], weights.shape[-1]
-    cols = min(n_head, 4)
+    cols = min(n_head, 4 if t <= 10 else 2)
     rows = math.ceil(n_head / cols)
-    cell = max(2.6, min(0.28 * t + 1.2, 7.0))
-    fig = Figure(figsize=(cols * cell + 1.2, rows * cell + 0.6), layout="constrained")
+    # The PNG is ~10 inches at 100 dpi (the width of the HTML page), so the page shows it 1:1, not shrunk;
+    # the tick font is the largest that fits a token's row (0.8 of the cell is the heatmap), 7 to 11 points.
+    cell = (9.6 - 1.2) / cols
+    font = max(7, min(11, int(0.8 * 72 * cell * 0.8 / t)))
+    fig = Figure(figsize=(cols * cell + 1.2, rows * cell + 0.8), layout="constrained")
     FigureCanvasAgg(fig)
     shown = [_label(s) for s in labels]
     ticks = t <= 40
     for head in range(n_head):
         ax = fig.add_subplot(rows, cols, head + 1)
         image = ax.imshow(weights[head].numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_title(f"head {head}", fontsize=9)
+        ax.set_title(f"head {head}", fontsize=font + 1)
         if ticks:
-            ax.set_xticks(range(t), shown, rotation=90, fontsize=6)
-            ax.set_yticks(range(t), shown, fontsize=6)
+            ax.set_xticks(range(t), shown, rotation=90, fontsize=font)
+            ax.set_yticks(range(t), shown, fontsize=font)
         else:
-            ax.set_xlabel("key position", fontsize=7)
-            ax.set_ylabel("query position", fontsize=7)
-    fig.colorbar(image, ax=fig.axes, shrink=0.8, label="attention weight")
-    fig.suptitle(title)
+            ax.set_xlabel("key position", fontsize=font)
+            ax.set_ylabel("query position", fontsize=font)
+    colorbar = fig.colorbar(image, ax=fig.axes, shrink=0.8)
+    colorbar.set_label("attention weight", fontsize=font)
+    colorbar.ax.tick_params(labelsize=font)
+    fig.suptitle(title, fontsize=font + 3)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
+    fig.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
 
 
@@ -253,17 +277,21 @@ def surprisal_figure_png(explanation: Explanation) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from .formatting import round_figure
+
     tokens = explanation.tokens[1:]
-    fig = Figure(figsize=(max(4.0, 0.3 * len(tokens) + 1.5), 3.2))
+    fig = Figure(figsize=(max(5.0, 0.38 * len(tokens) + 1.8), 3.8))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(range(len(tokens)), [t.surprisal_bits for t in tokens], color="#d0563b")
     if len(tokens) <= 60:
-        ax.set_xticks(range(len(tokens)), [_label(t.token) for t in tokens], rotation=90, fontsize=7)
-    ax.set_ylabel("surprisal (bits)")
-    ax.set_title(f"mean {explanation.mean_surprisal_bits:.2f} bits/token, perplexity {explanation.perplexity:.2f}")
+        ax.set_xticks(range(len(tokens)), [_label(t.token) for t in tokens], rotation=90,
+                      fontsize=11 if len(tokens) <= 30 else 9)
+    ax.set_ylabel("surprisal (bits)", fontsize=11)
+    ax.set_title(f"mean {explanation.mean_surprisal_bits:.2f} bits/token, "
+                 f"perplexity {round_figure(explanation.perplexity)}", fontsize=12)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     return buffer.getvalue()
 
 
@@ -320,11 +348,11 @@ _HTML_TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
 <style>
 body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1100px;color:#222}
-#tokens{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:2;border:1px solid #ddd;padding:.8em}
+#tokens{font-family:ui-monospace,monospace;font-size:1.3em;white-space:pre-wrap;line-height:2.1;border:1px solid #ddd;padding:.8em}
 .tok{padding:2px 1px;border-radius:3px;cursor:pointer;outline:1px solid #eee}
 .tok.sel{outline:2px solid #000}
-#info{font-family:ui-monospace,monospace;min-height:7em;background:#f7f7f7;padding:.6em;margin:.6em 0}
-figure img{max-width:100%} table{border-collapse:collapse} td,th{padding:2px 8px;border-bottom:1px solid #eee}
+#info{font-family:ui-monospace,monospace;font-size:1.1em;white-space:pre-wrap;min-height:7em;background:#f7f7f7;padding:.6em;margin:.6em 0}
+figure{margin:1em 0} figure img{max-width:100%} table{border-collapse:collapse} td,th{padding:2px 8px;border-bottom:1px solid #eee}
 .controls{margin:.6em 0}
 </style></head><body>
 <h1>__TITLE__</h1>
@@ -360,12 +388,18 @@ const spans = toks.map((t, i) => {
   box.appendChild(s); return s;
 });
 function fmt(x) { return x === null ? 'n/a' : x.toFixed(3); }
+function pct(p) {
+  const v = 100 * p;
+  return v >= 99.95 ? '100%' : v >= 10 ? v.toFixed(v < 99 ? 0 : 1) + '%' : v >= 1 ? v.toFixed(1) + '%' :
+    v >= 0.01 ? v.toFixed(2) + '%' : '<0.01%';
+}
 function show(i) {
   const t = toks[i];
   let lines = ['position ' + t.position + '  token ' + JSON.stringify(t.token) + ' (id ' + t.token_id + ')',
-    'log-prob ' + fmt(t.logprob) + ' nats   surprisal ' + fmt(t.surprisal_bits) + ' bits   rank ' + (t.rank ?? 'n/a')];
+    'probability ' + (t.logprob === null ? 'n/a' : pct(Math.exp(t.logprob))) + '   log-prob ' + fmt(t.logprob) +
+    ' nats   surprisal ' + fmt(t.surprisal_bits) + ' bits   rank ' + (t.rank ?? 'n/a')];
   if (t.top_alternatives.length) lines.push('expected: ' + t.top_alternatives.map(
-    a => JSON.stringify(a.token) + ' ' + Math.exp(a.logprob).toFixed(3)).join('   '));
+    a => JSON.stringify(a.token) + ' ' + pct(Math.exp(a.logprob))).join('   '));
   document.getElementById('info').textContent = lines.join('\\n');
 }
 function paint() {
@@ -386,16 +420,30 @@ paint();
 
 
 def format_table(explanation: Explanation, top_k: int = 3) -> str:
-    """A plain-text table: position, token, log-prob, surprisal, rank, top alternatives."""
-    lines = [f"{'pos':>4}  {'token':<16} {'logprob':>8} {'bits':>6} {'rank':>5}  expected"]
+    """A plain-text table: position, token, its probability, log-prob, surprisal, rank, the top alternatives.
+
+    Whitespace in tokens is made visible (space '·', newline '↵', tab '⇥'); probabilities are percentages.
+    """
+    from .formatting import round_figure
+
+    lines = [f"{'pos':>4}  {'token':<14} {'prob':>6} {'logprob':>8} {'bits':>6} {'rank':>5}  "
+             f"the model expected (top {top_k})"]
     for t in explanation.tokens:
-        alternatives = "  ".join(f"{_label(a.token)!r} {math.exp(a.logprob):.2f}" for a in t.top_alternatives[:top_k])
-        lp = "" if t.logprob is None else f"{t.logprob:8.3f}"
-        bits = "" if t.surprisal_bits is None else f"{t.surprisal_bits:6.2f}"
+        alternatives = "  ".join(f"'{_label(a.token)}' {_percent(math.exp(a.logprob))}"
+                                 for a in t.top_alternatives[:top_k])
+        prob = "" if t.logprob is None else _percent(math.exp(t.logprob))
+        lp = "" if t.logprob is None else f"{t.logprob:.3f}"
+        bits = "" if t.surprisal_bits is None else f"{t.surprisal_bits:.2f}"
         rank = "" if t.rank is None else str(t.rank)
-        lines.append(f"{t.position:>4}  {_label(t.token, 16)!r:<16} {lp:>8} {bits:>6} {rank:>5}  {alternatives}")
-    lines.append(f"mean surprisal {explanation.mean_surprisal_bits:.3f} bits/token, "
-                 f"perplexity {explanation.perplexity:.3f} over {len(explanation.tokens) - 1} predicted tokens")
+        token = f"'{_label(t.token, 12)}'"
+        lines.append(f"{t.position:>4}  {token:<14} {prob:>6} {lp:>8} {bits:>6} {rank:>5}  {alternatives}".rstrip())
+    predicted = len(explanation.tokens) - 1
+    if predicted:
+        lines.append(f"Mean surprisal {explanation.mean_surprisal_bits:.2f} bits per token, perplexity "
+                     f"{round_figure(explanation.perplexity)}, over {predicted} predicted token"
+                     f"{'s' if predicted != 1 else ''} (the first token has no context to be predicted from).")
+    else:
+        lines.append("One token only: nothing to predict (the first token has no context); give a longer text.")
     return "\n".join(lines)
 
 

@@ -53,9 +53,10 @@ class ModerationConfig:
             if section is None:
                 data.pop(direction, None)
             elif isinstance(section, dict):
-                data[direction] = dataclass_from_dict(RuleSet, section, f"{source}: section '{direction}'")
+                data[direction] = dataclass_from_dict(RuleSet, section, source, f"{direction}.")
             elif not isinstance(section, RuleSet):
-                raise ConfigError(f"{source}: '{direction}' must be a mapping with blocked_terms/blocked_patterns")
+                raise ConfigError(f"{source}: {direction} must be a mapping with blocked_terms/blocked_patterns, "
+                                  f"got {section!r}")
         config = dataclass_from_dict(cls, data, source)
         config.validate(source)
         return config
@@ -63,7 +64,7 @@ class ModerationConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "ModerationConfig":
         """Read a YAML (or JSON) moderation policy; errors name the file and the field."""
-        return cls.from_dict(load_yaml(path), source=str(path))
+        return cls.from_dict(load_yaml(path, kind="moderation policy file"), source=str(path))
 
     def validate(self, source: str = "moderation config") -> None:
         """Raise ConfigError naming the field for wrong types and regexes that do not compile."""

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,22 @@ def test_already_quantized_is_refused(trained_dirs):
     q = quantize_model(load_model(trained_dirs["gpt2"]), "int8")
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(q, "int4")
+
+
+def test_cli_reports_each_method_s_own_size_from_the_files(trained_dirs, tmp_path, capsys):
+    from gptforge.commands.quantize import weights_file_bytes
+    from gptforge.formatting import human_bytes
+
+    source = Path(trained_dirs["llama"])
+    float_bytes = weights_file_bytes(source)
+    lines = {}
+    for method in ("int8", "int4"):
+        out = tmp_path / method
+        assert main(["quantize", "--model", str(source), "--method", method, "--out", str(out)]) == 0
+        lines[method] = capsys.readouterr().out.strip()
+        size = (out / "model.safetensors").stat().st_size
+        assert weights_file_bytes(out) == size
+        assert lines[method] == (f"Quantized {source} to {method} in {out}: weights {human_bytes(float_bytes)} -> "
+                                 f"{human_bytes(size)} on disk ({float_bytes / size:.1f}x smaller).")
+    assert lines["int8"] != lines["int4"]
+    assert weights_file_bytes(tmp_path / "int4") < weights_file_bytes(tmp_path / "int8") < float_bytes

@@ -179,8 +179,44 @@ def test_prepare_cli(tmp_path, corpus_dir, capsys):
     from gptforge.cli import main
 
     assert main(["prepare", str(corpus_dir), "--out", str(tmp_path / "out"), "--tokenizer", "char",
-                 "--no-progress"]) == 0
+                 "--no-progress", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["documents"] == 3 and summary["dtype"] == "uint16"
+    # For people: sentences with the counts, where the shards and tokenizer are, and what to run next.
+    assert main(["prepare", str(corpus_dir), "--out", str(tmp_path / "out"), "--tokenizer", "char",
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    out = tmp_path / "out"
+    assert captured.out.startswith(f"Prepared 3 documents as {summary['tokens']:,} tokens: "
+                                   f"{summary['train_tokens']:,} for training and {summary['val_tokens']:,} for "
+                                   "validation.")
+    assert f"listed in {out / 'manifest.json'}" in captured.out
+    assert f"tokenizer:    {out / 'tokenizer'} (character-level" in captured.out
+    assert f"gptforge pretrain --config RECIPE.yaml --data.dir={out}" in captured.out
+    assert "up to date" in captured.err and "{" not in captured.out
     assert main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_empty_corpus_fails_before_tokenizer_training(tmp_path, capsys):
+    from gptforge.cli import main
+
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["prepare", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    assert err.strip() == f"gptforge prepare: error: corpus is empty: sources ['{empty}'] yielded no text"
+    assert not (tmp_path / "out").exists()
+
+
+def test_undecodable_file_is_reported_once(tmp_path, capsys):
+    from gptforge.cli import main
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("plain text " * 50)
+    (tmp_path / "notes" / "blob.bin").write_bytes(b"\xff\xfe binary")
+    assert main(["prepare", str(tmp_path / "notes"), "--out", str(tmp_path / "out"), "--tokenizer", "bpe",
+                 "--vocab-size", "300", "--on-decode-error", "skip", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("blob.bin: not valid UTF-8") == 1, captured.err
+    assert "skipped:      1 file(s) that are not UTF-8" in captured.out

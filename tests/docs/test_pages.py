@@ -21,8 +21,15 @@ def test_readme_opens_with_the_two_commands():
     assert before.strip().startswith("# gptforge") and len(before.strip().splitlines()) <= 2  # nothing before them
 
 
-def test_ci_runs_the_readme_test_command():
-    assert TESTS in (REPO / ".ci" / "run").read_text(encoding="utf-8")
+def test_ci_runs_the_readme_commands_and_the_snippets_in_a_venv_of_command_1():
+    """.ci/run runs README command 1 as written in a fresh venv, every doc snippet there, then command 2."""
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    install = DEMO.split(" && gptforge demo")[0]
+    assert TESTS in ci and DEMO in ci
+    order = [ci.index("python -m venv"), ci.index("/bin/activate"), ci.index(DEMO),
+             ci.index("tools/run_doc_snippets.py --venv"), ci.index(TESTS)]
+    assert order == sorted(order), "README command 1, then the snippets, in a fresh venv; command 2 after"
+    assert ci.index(install) == ci.index(DEMO)
 
 
 def test_architecture_page_names_real_modules():

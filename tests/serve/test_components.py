@@ -292,3 +292,20 @@ def test_deploy_files_reference_real_metrics():
     kinds = {doc["kind"] for f in (deploy / "kubernetes").glob("*.yaml") for doc in yaml.safe_load_all(f.read_text())}
     assert {"Deployment", "Service", "HorizontalPodAutoscaler"} <= kinds
     assert "gptforge\", \"serve\"" in (deploy / "Dockerfile").read_text()
+
+
+def test_served_name_is_the_run_s_name(tmp_path):
+    from gptforge.commands.serve import served_name
+
+    assert served_name(tmp_path / "runs" / "demo" / "model") == "demo"
+    assert served_name(tmp_path / "runs" / "demo" / "best") == "demo-best"
+    assert served_name(tmp_path / "runs" / "words-lora" / "merged") == "words-lora-merged"
+    assert served_name(tmp_path / "tiny-model") == "tiny-model"
+
+
+def test_serve_cli_names_a_missing_model_folder_and_policy(tmp_path, capsys):
+    from gptforge.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "runs" / "demo" / "modle")]) == 2
+    assert capsys.readouterr().err.strip() == (f"gptforge serve: error: --model: model directory not found: "
+                                               f"{tmp_path / 'runs' / 'demo' / 'modle'}")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 import yaml
 
 from gptforge.config import ConfigError
+from gptforge.formatting import round_figure
 from gptforge.model import GPT
 from gptforge.train.metrics import read_metrics
 from gptforge.train.pretrain import load_recipe, model_config, pretrain
@@ -80,7 +82,7 @@ def test_pretrain_cli_and_resume_extends_a_run(tmp_path, capsys):
 
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, checkpoint_every=3)))
-    assert main(["pretrain", "--config", str(path), "--train.max_steps=6"]) == 0
+    assert main(["pretrain", "--config", str(path), "--train.max_steps=6", "--json"]) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["steps"] == 6
     before = (tmp_path / "run" / "config.yaml").read_text()
@@ -88,7 +90,19 @@ def test_pretrain_cli_and_resume_extends_a_run(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert (tmp_path / "run" / "config.yaml").read_text() == before
     assert main(["pretrain", "--config", str(path), "--train.max_steps=9", "--resume"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 9
+    # For people: sentences with the figures rounded and the paths of the model, curve and metrics.
+    run = tmp_path / "run"
+    result = json.loads((run / "result.json").read_text())
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"Trained 9 steps on {result['tokens']:,} tokens; last training loss ")
+    assert f"  model:       {run / 'model'}\n" in captured.out
+    assert f"  loss curve:  {run / 'loss_curve.png'}\n" in captured.out
+    assert f"  metrics:     {run / 'metrics.jsonl'}" in captured.out
+    assert f"validation loss {round_figure(result['metrics']['val_loss'])}, perplexity" in captured.out
+    assert "{" not in captured.out and str(result["last_loss"]) not in captured.out  # no raw floats
+    evals = re.findall(r"step \d+: val_loss (\S+), perplexity (\S+)", captured.err)
+    assert evals and all(len(loss.rstrip(",")) <= 5 for loss, _ in evals), captured.err
+    assert " INFO " not in captured.err  # no timestamped log lines without --verbose
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 10))
     assert main(["pretrain", "--config", str(path), "--data.sources=[nowhere.txt]",

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from ..demo import DEFAULT_MINUTES
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
-                        help=f"training budget in minutes (default {DEFAULT_MINUTES:g}; the first run also spends "
-                             "about a minute preparing the corpus)")
+    # The default budget lives in gptforge.demo, which imports torch: resolved in run() so --help stays instant.
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training budget in minutes (default: the demo's standard budget of a few minutes; "
+                             "the first run also spends about a minute preparing the corpus)")
     parser.add_argument("--steps", type=int, default=None,
                         help="train exactly this many optimizer steps instead of fitting them to --minutes")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--recipe", default=None,
-                        help="pretraining recipe (default: configs/stdlib-code.yaml of the source tree)")
+                        help="pretraining recipe (default: the shipped configs/stdlib-code.yaml)")
     parser.add_argument("--fresh", action="store_true",
                         help="train again instead of reusing the model of an earlier run (the corpus is kept)")
     parser.add_argument("--prompt", action="append", default=None, metavar="TEXT",
@@ -28,12 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import DEFAULT_PROMPTS, run_demo  # noqa: F401 (DEFAULT_PROMPTS: the default prompts)
+    from ..demo import DEFAULT_MINUTES, DEFAULT_PROMPTS, run_demo
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    report = run_demo(args.out, minutes=args.minutes, recipe_path=args.recipe,
-                      overrides=getattr(args, "overrides", []), fresh=args.fresh, steps=args.steps,
-                      prompts=args.prompt or DEFAULT_PROMPTS, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                      progress=not args.no_progress)
+    minutes = DEFAULT_MINUTES if args.minutes is None else args.minutes
+    run_demo(args.out, minutes=minutes, recipe_path=args.recipe,
+             overrides=getattr(args, "overrides", []), fresh=args.fresh, steps=args.steps,
+             prompts=args.prompt or DEFAULT_PROMPTS, max_new_tokens=args.max_new_tokens, seed=args.seed,
+             progress=not args.no_progress)
     return 0

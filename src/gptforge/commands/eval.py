@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import time
@@ -66,6 +67,9 @@ def _check(args: argparse.Namespace) -> None:
                          "summarization or generation)")
     if args.harness and not args.tasks:
         raise ValueError("--harness needs --tasks NAME[,NAME...]")
+    if args.harness and importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("--harness needs lm-evaluation-harness, which is not installed: "
+                         "pip install 'lm-eval>=0.4.2' (or pip install -e '.[eval]' in the repository)")
     if (args.tasks or args.include_path) and not args.harness:
         raise ValueError("--tasks/--include-path belong to --harness; add --harness")
     # Missing inputs fail before the model is loaded.

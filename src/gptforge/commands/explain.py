@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(explanation.to_dict(include_attention=False), indent=1))
     else:
         print(format_table(explanation))
-        print(f"wrote {written['html']} (open in a browser), {written['json']}, "
-              f"{len(written['attention_png'])} attention PNG(s) in {Path(args.out) / 'attention'}")
+        maps = len(written["attention_png"])
+        print(f"Wrote the report to {written['html']} (open it in a browser), the numbers to {written['json']}"
+              + (f", and {maps} attention map{'s' if maps != 1 else ''} (one PNG per layer) to "
+                 f"{Path(args.out) / 'attention'}." if maps else "."))
     return 0

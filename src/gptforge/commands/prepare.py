@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_KINDS = {"bpe": "byte-level BPE", "char": "character-level"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
     parser.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary (for scripts) instead of sentences")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +38,28 @@ def run(args: argparse.Namespace) -> int:
                             on_decode_error=args.on_decode_error, dtype=args.dtype, max_bytes=args.max_bytes,
                             shard_tokens=args.shard_tokens, force=args.force, progress=not args.no_progress)
     m = corpus.manifest
-    print(json.dumps({"out": str(corpus.directory), "documents": m["documents"], "tokens": m["num_tokens"],
-                      "train_tokens": m["split_tokens"]["train"], "val_tokens": m["split_tokens"]["val"],
-                      "vocab_size": m["vocab_size"], "dtype": m["dtype"], "skipped": m["skipped"]}))
+    if args.json:
+        print(json.dumps({"out": str(corpus.directory), "documents": m["documents"], "tokens": m["num_tokens"],
+                          "train_tokens": m["split_tokens"]["train"], "val_tokens": m["split_tokens"]["val"],
+                          "vocab_size": m["vocab_size"], "dtype": m["dtype"], "skipped": m["skipped"]}))
+    else:
+        print(describe_prepared(corpus.directory, m))
     return 0
+
+
+def describe_prepared(directory: Path, manifest: dict[str, Any]) -> str:
+    """What `prepare` made and what to run next, as sentences with the paths."""
+    m, out = manifest, Path(directory)
+    documents = f"{m['documents']:,} document{'s' if m['documents'] != 1 else ''}"
+    lines = [f"Prepared {documents} as {m['num_tokens']:,} tokens: {m['split_tokens']['train']:,} for training "
+             f"and {m['split_tokens']['val']:,} for validation."]
+    shards = len(m["shards"])
+    lines.append(f"  token shards: {shards} file{'s' if shards != 1 else ''} ({m['dtype']}) in {out}, "
+                 f"listed in {out / 'manifest.json'}")
+    kind = TOKENIZER_KINDS.get(m["tokenizer"]["kind"], m["tokenizer"]["kind"])
+    lines.append(f"  tokenizer:    {out / m['tokenizer']['dir']} ({kind}, {m['vocab_size']:,} tokens)")
+    if m["skipped"]:
+        lines.append(f"  skipped:      {len(m['skipped'])} file(s) that are not UTF-8, e.g. {m['skipped'][0]}")
+    lines.append(f"Next, pretrain on it with a recipe (see docs/pretrain.md) whose data section reads it:\n"
+                 f"  gptforge pretrain --config RECIPE.yaml --data.dir={out}")
+    return "\n".join(lines)

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_directory
-    from ..compress.quantize import METHODS, quantization_config, quantize_model, weight_bytes
+    from ..compress.quantize import METHODS, quantization_config, quantize_model
+    from ..formatting import human_bytes
     from ..loading import load, save
 
     if args.method not in METHODS:
@@ -27,11 +28,16 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).resolve() == Path(args.model).resolve():
         raise ValueError("--out must differ from --model (the float model would be overwritten)")
     model, tokenizer = load(args.model)
-    before = weight_bytes(model)
     quantize_model(model, args.method, group_size=args.group_size, dynamic_activations=args.dynamic_activations,
                    include_head=not args.keep_lm_head)
     with atomic_directory(args.out) as tmp:
         save(tmp, model, tokenizer)
-    print(f"quantized {args.model} -> {args.out} ({args.method}): weights {before / 2**20:.1f} MiB -> "
-          f"{weight_bytes(model) / 2**20:.1f} MiB")
+    before, after = weights_file_bytes(Path(args.model)), weights_file_bytes(Path(args.out))
+    print(f"Quantized {args.model} to {args.method} in {args.out}: weights {human_bytes(before)} -> "
+          f"{human_bytes(after)} on disk ({before / max(after, 1):.1f}x smaller).")
     return 0
+
+
+def weights_file_bytes(directory: Path) -> int:
+    """Bytes of a model directory's safetensors files (one file or shards): what the weights take on disk."""
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))

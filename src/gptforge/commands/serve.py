@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `gptforge serve`."""
     parser.add_argument("--model", required=True, help="model directory (config.json + safetensors + tokenizer)")
     parser.add_argument("--served-model-name", default=None,
-                        help="the `model` name clients send (default: the directory name)")
+                        help="the `model` name clients send (default: the run's name, e.g. demo for runs/demo/model)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.auth import collect_keys
 
     model_dir = Path(args.model)
+    if not model_dir.exists():
+        raise FileNotFoundError(f"--model: model directory not found: {model_dir}")
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model {model_dir}: no config.json there (expected a saved model directory)")
     for flag, value in (("--max-concurrency", args.max_concurrency), ("--max-queue", args.max_queue),
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     # starved of a core streams tokens many times slower (measured: 20x on a busy 2-core host).
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
     options = ServerOptions(
-        model_name=args.served_model_name or model_dir.resolve().name,
+        model_name=args.served_model_name or served_name(model_dir),
         api_keys=collect_keys(args.api_key, args.api_keys_file),
         max_batch=args.max_concurrency, max_queue=args.max_queue, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, requests_per_minute=args.rate_limit_rpm,
@@ -68,3 +70,15 @@ def run(args: argparse.Namespace) -> int:
           f"({'API keys required' if options.api_keys else 'no API keys configured'})", flush=True)
     run_server(app, args.host, args.port, graceful_timeout=args.graceful_timeout)
     return 0
+
+
+# Folder names a run gives its models (gptforge pretrain/finetune/demo): the run folder above names the model.
+RUN_MODEL_FOLDERS = ("model", "best", "merged")
+
+
+def served_name(model_dir: Path) -> str:
+    """The default `model` name: runs/x/model -> "x", runs/x/best -> "x-best", any other folder -> its own name."""
+    path = model_dir.resolve()
+    if path.name in RUN_MODEL_FOLDERS and path.parent.name:
+        return path.parent.name if path.name == "model" else f"{path.parent.name}-{path.name}"
+    return path.name

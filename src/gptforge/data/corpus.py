@@ -132,6 +132,7 @@ class Corpus:
         self.max_bytes = max_bytes
         self.sources = [resolve_source(s) for s in sources]
         self.skipped: list[str] = []
+        self._warned: set[str] = set()  # documents() runs twice (tokenizer, shards): warn once per file
 
     def input_bytes(self) -> Optional[int]:
         """Total size of the input files (None when a source is a remote dataset)."""
@@ -194,7 +195,9 @@ class Corpus:
         except UnicodeDecodeError as exc:
             message = f"{path}: not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})"
             if self.on_decode_error == "skip":
-                log.warning("%s; skipped", message)
+                if str(path) not in self._warned:
+                    self._warned.add(str(path))
+                    log.warning("%s; skipped", message)
                 self.skipped.append(str(path))
                 return None
             raise CorpusError(message + "; convert it to UTF-8, or pass --on-decode-error skip "

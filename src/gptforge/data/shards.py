@@ -184,7 +184,7 @@ def _make_tokenizer(tokenizer: Any, corpus: Corpus, vocab_size: int) -> Tokenize
         return tokenizer
     kind = str(tokenizer)
     if kind == "bpe":
-        log.info("training a byte-level BPE tokenizer (vocab %d)", vocab_size)
+        log.info("Training a byte-level BPE tokenizer with a %s-token vocabulary...", f"{vocab_size:,}")
         try:
             return Tokenizer.train_bpe((d.text for d in corpus.documents()), vocab_size=vocab_size)
         except TokenizerError as exc:
@@ -252,17 +252,19 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
                 try:
                     existing = load_prepared(out_dir)
                     if existing.manifest.get("fingerprint") == fingerprint:
-                        log.info("%s is up to date (same inputs and settings); reusing it", out_dir)
+                        log.info("%s is up to date (same inputs and settings): reusing it.", out_dir)
                         return existing
                 except CorpusError:
                     pass  # damaged: rebuild below
-            log.info("inputs or settings changed: rebuilding %s", out_dir)
+            log.info("The inputs or settings changed: rebuilding %s.", out_dir)
         elif out_dir.is_dir() and any(out_dir.iterdir()):
             raise CorpusError(f"output folder {out_dir} exists and is not a prepared corpus (no {MANIFEST}); "
                               "choose an empty or new folder")
         elif not out_dir.is_dir():
             raise CorpusError(f"output path {out_dir} exists and is not a folder")
 
+    if next(iter(corpus.documents()), None) is None:  # before training a tokenizer or drawing a bar
+        raise CorpusError(_empty_message(corpus))
     tok = _make_tokenizer(tokenizer, corpus, vocab_size)
     dtype_name = _pick_dtype(dtype, tok.vocab_size)
     np_dtype = np.dtype(dtype_name)
@@ -350,10 +352,9 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
             "seconds": round(time.perf_counter() - started, 3),
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
-    log.info("prepared %s: %d documents, %d tokens (%s), train %d / val %d", out_dir, n_docs, total, dtype_name,
-             manifest["split_tokens"]["train"], manifest["split_tokens"]["val"])
-    if corpus.skipped:
-        log.warning("skipped %d undecodable file(s): %s", len(corpus.skipped), ", ".join(corpus.skipped[:10]))
+    log.debug("prepared %s: %d documents, %d tokens (%s), train %d / val %d", out_dir, n_docs, total, dtype_name,
+              manifest["split_tokens"]["train"], manifest["split_tokens"]["val"])
+    # Each skipped file was reported as it was read (corpus.py); the manifest lists them all.
     return load_prepared(out_dir)
 
 

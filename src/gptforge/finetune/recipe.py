@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
-from ..config import ConfigError, apply_overrides, dataclass_from_dict, load_yaml
+from ..config import ConfigError, ConfigSource, apply_overrides, dataclass_from_dict, load_yaml
 from ..data.augment import AugmentConfig
 from ..data.sft import BASIC_FORMATS
 from ..data.templates import TASK_FIELDS
@@ -99,8 +99,8 @@ class FinetuneRecipe:
 
     model: str = ""
     out_dir: str = "runs/finetune"
-    method: str = "full"  # full | lora
-    head: str = "lm"  # lm | classification
+    method: Literal["full", "lora"] = "full"  # train every weight, or LoRA adapters only
+    head: Literal["lm", "classification"] = "lm"  # lm: the label is generated; classification: a linear head
     merge: bool = False  # LoRA: also write merged/ (a plain model with the adapter folded in)
     dropout: Optional[float] = None
     attn_dropout: Optional[float] = None
@@ -141,48 +141,29 @@ class FinetuneRecipe:
         self.train.validate()
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> FinetuneRecipe:
-    """Build and validate a FinetuneRecipe; unknown keys are errors naming the section."""
+def recipe_from_dict(data: dict[str, Any], source: str | ConfigSource = "recipe") -> FinetuneRecipe:
+    """Build and validate a FinetuneRecipe; wrong types and unknown keys are errors naming the field."""
     from ..train.loop import TrainConfig
 
+    source = ConfigSource.of_file(source)
     data = copy.deepcopy(data)
-    known = {f.name for f in fields(FinetuneRecipe)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
     tasks_raw = data.pop("tasks", None) or []
     if not isinstance(tasks_raw, list):
-        raise ConfigError(f"{source}: 'tasks' must be a list of task mappings")
+        raise ConfigError(f"{source.of('tasks')}: tasks must be a list of task mappings, got {tasks_raw!r}")
     tasks = []
     for i, raw in enumerate(tasks_raw):
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: tasks[{i}] must be a mapping, got {type(raw).__name__}")
-        task = dataclass_from_dict(TaskRecipe, raw, f"{source} tasks[{i}]")
+        task = dataclass_from_dict(TaskRecipe, raw, source, f"tasks[{i}].")
         task.name = task.name or Path(str(task.data)).stem or f"task{i}"
         tasks.append(task)
     sections = {"data": DataSettings, "lora": LoRAConfig, "augment": AugmentConfig, "train": TrainConfig}
-    built = {}
-    for name, cls in sections.items():
-        raw = data.pop(name, None) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: section {name!r} must be a mapping")
-        built[name] = dataclass_from_dict(cls, raw, f"{source} {name}")
-    recipe = FinetuneRecipe(tasks=tasks, **built, **data)
-    for obj in [recipe, *tasks, *built.values()]:
-        _coerce_floats(obj, source)
-    recipe.validate()
+    built = {name: dataclass_from_dict(cls, data.pop(name, None) or {}, source, f"{name}.")
+             for name, cls in sections.items()}
+    recipe = dataclass_from_dict(FinetuneRecipe, {**data, "tasks": tasks, **built}, source)
+    try:
+        recipe.validate()
+    except ValueError as exc:  # ConfigError, and TrainConfig's ValueError
+        raise ConfigError(f"{source.file}: {exc}") from None
     return recipe
-
-
-def _coerce_floats(obj: Any, source: str) -> None:
-    """YAML reads `1e-4` (no dot) as a string; turn such values of float fields into floats."""
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, str) and "float" in str(f.type):
-            try:
-                setattr(obj, f.name, float(value))
-            except ValueError:
-                raise ConfigError(f"{source}: field {f.name!r} must be a number, got {value!r}") from None
 
 
 def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = (), *,
@@ -190,17 +171,16 @@ def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
                 out_dir: Optional[str] = None, method: Optional[str] = None) -> FinetuneRecipe:
     """A recipe from YAML (optional), command-line values and `section.key=value` overrides."""
     raw: dict[str, Any] = load_yaml(path) if path else {}
-    source = str(path) if path else "finetune"
-    if model:
-        raw["model"] = model
-    if out_dir:
-        raw["out_dir"] = out_dir
-    if method:
-        raw["method"] = method
+    source = ConfigSource(str(path) if path else "finetune")
+    flags = (("model", model, "--model"), ("out_dir", out_dir, "--out"), ("method", method, "--method"))
+    for name, value, flag in flags:
+        if value:
+            raw[name] = value
+            source.overrides[name] = f"{flag} {value}"
     if data_files:
         tasks = raw.get("tasks") or []
         if tasks and len(tasks) != len(data_files):
-            raise ConfigError(f"--data names {len(data_files)} file(s) but {source} has {len(tasks)} task(s); "
+            raise ConfigError(f"--data names {len(data_files)} file(s) but {source.file} has {len(tasks)} task(s); "
                               "give one file per task, in order")
         raw["tasks"] = [{**(tasks[i] if tasks else {}), "data": f} for i, f in enumerate(data_files)]
     plain = []
@@ -212,9 +192,12 @@ def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         index, rest = int(match.group(1)), match.group(2)
         tasks = raw.get("tasks") or []
         if index >= len(tasks):
-            raise ConfigError(f"override {item!r}: there is no tasks[{index}] (the run has {len(tasks)} task(s))")
+            raise ConfigError(f"command line ({item}): there is no tasks[{index}] (the run has {len(tasks)} task(s))")
+        if not isinstance(tasks[index], dict):
+            raise ConfigError(f"{source.file}: tasks[{index}] must be a mapping of field: value, got {tasks[index]!r}")
         apply_overrides(tasks[index], [rest])
-    apply_overrides(raw, plain)
+        source.overrides[f"tasks.{index}.{rest.split('=', 1)[0]}"] = item
+    apply_overrides(raw, plain, source)
     return recipe_from_dict(raw, source)
 
 

@@ -57,6 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..formatting import metric_phrase
 from . import distributed as D
 from .budget import TimeBudget
 from .checkpointing import CHECKPOINT_DIR, LATEST, RunCheckpointer, latest_checkpoint, write_model_folder
@@ -433,7 +434,7 @@ class Trainer:
         self.bare.train(was_training)
         self.result.metrics = metrics
         self.logger.log({"step": self.state.step, **metrics})
-        self.bar.write(f"step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        self.bar.write(f"step {self.state.step}: " + ", ".join(metric_phrase(k, v) for k, v in metrics.items()))
         seconds = time.perf_counter() - started
         self.last_eval_seconds = self.state.last_eval_s = seconds
         wrote = self._book_evaluation(metrics)

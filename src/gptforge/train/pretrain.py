@@ -20,11 +20,12 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
-from ..config import Config, ConfigError, apply_overrides, dataclass_from_dict, load_yaml
+from ..config import (Config, ConfigError, ConfigSource, apply_overrides, check_value, dataclass_from_dict, load_yaml,
+                      unknown_field_message)
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,11 @@ class DataConfig:
     tokenizer: str = "bpe"  # bpe | char | path to a tokenizer.json or folder
     vocab_size: int = 8192  # for bpe
     val_fraction: float = 0.1
-    split: str = "tail"  # tail | documents
+    split: Literal["tail", "documents"] = "tail"  # validation: the stream's last val_fraction, or whole documents
     text_field: str = "text"
-    on_decode_error: str = "fail"  # fail | skip
+    on_decode_error: Literal["fail", "skip"] = "fail"  # files that are not UTF-8: stop, or skip and list them
     max_bytes: Optional[int] = None  # read at most this much text (quick demos)
-    dtype: str = "auto"  # token dtype on disk: auto | uint16 | uint32
+    dtype: Literal["auto", "uint16", "uint32"] = "auto"  # token dtype on disk
     seq_len: int = 256  # tokens per training window
     batch_size: int = 16  # windows per micro-batch and rank
     eval_tokens: int = 200_000  # validation tokens per evaluation (fixed windows, evenly spread)
@@ -64,25 +65,33 @@ class Recipe:
 
 
 RECIPE_SECTIONS = ("model", "data", "train", "out_dir")
+MODEL_EXTRAS = ("preset", "init_from")  # model-section keys that are not Config fields
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
-    """Build a Recipe from a mapping; unknown sections or fields raise ConfigError naming them."""
+def recipe_from_dict(data: dict[str, Any], source: str | ConfigSource = "recipe") -> Recipe:
+    """Build a Recipe from a mapping; wrong types, unknown sections or fields raise ConfigError naming them."""
     from .loop import TrainConfig
 
-    unknown = sorted(set(data) - set(RECIPE_SECTIONS))
-    if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {list(RECIPE_SECTIONS)}")
+    source = ConfigSource.of_file(source)
+    for name in data:
+        if name not in RECIPE_SECTIONS:
+            raise ConfigError(unknown_field_message(source, "", name, RECIPE_SECTIONS))
+    for name in ("model", "data", "train"):
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            raise ConfigError(f"{source.of(name)}: section {name} must be a mapping of field: value, "
+                              f"got {data[name]!r}")
     model = dict(data.get("model") or {})
-    data_cfg = dataclass_from_dict(DataConfig, dict(data.get("data") or {}), f"{source}: data")
-    if isinstance(data_cfg.sources, str):
-        data_cfg.sources = [data_cfg.sources]
-    train_cfg = dataclass_from_dict(TrainConfig, dict(data.get("train") or {}), f"{source}: train")
+    data_section = dict(data.get("data") or {})
+    if isinstance(data_section.get("sources"), str):  # `sources: notes.txt` means one source
+        data_section["sources"] = [data_section["sources"]]
+    data_cfg = dataclass_from_dict(DataConfig, data_section, source, "data.")
+    train_cfg = dataclass_from_dict(TrainConfig, dict(data.get("train") or {}), source, "train.")
     try:
         train_cfg.validate()
     except ValueError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
-    recipe = Recipe(model=model, data=data_cfg, train=train_cfg, out_dir=str(data.get("out_dir", "runs/pretrain")))
+        raise ConfigError(f"{source.file}: {exc}") from exc
+    out_dir = check_value(data.get("out_dir", "runs/pretrain"), str, source, "out_dir")
+    recipe = Recipe(model=model, data=data_cfg, train=train_cfg, out_dir=out_dir)
     model_config(recipe, vocab_size=model.get("vocab_size", 256), source=source)  # validate field names early
     return recipe
 
@@ -90,12 +99,14 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
 def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
     """Load a YAML recipe (or start from defaults when `path` is None) and apply `section.key=value` overrides."""
     data = load_yaml(path) if path is not None else {}
-    apply_overrides(data, list(overrides))
-    return recipe_from_dict(data, source=str(path or "recipe"))
+    source = ConfigSource(str(path or "recipe"))
+    apply_overrides(data, list(overrides), source)
+    return recipe_from_dict(data, source=source)
 
 
-def model_config(recipe: Recipe, vocab_size: int, source: str = "recipe") -> Config:
+def model_config(recipe: Recipe, vocab_size: int, source: str | ConfigSource = "recipe") -> Config:
     """The model Config of a recipe: preset, then explicit fields; vocab and context filled from the data."""
+    source = ConfigSource.of_file(source)
     fields = dict(recipe.model)
     fields.pop("init_from", None)
     preset = fields.pop("preset", None)
@@ -104,17 +115,22 @@ def model_config(recipe: Recipe, vocab_size: int, source: str = "recipe") -> Con
         from ..config import PRESETS
 
         if preset not in PRESETS:
-            raise ConfigError(f"{source}: model.preset {preset!r} is not a preset; available: {sorted(PRESETS)}")
+            raise ConfigError(f"{source.of('model.preset')}: model.preset {preset!r} is not a preset; "
+                              f"available: {', '.join(sorted(PRESETS))}")
         base = {**PRESETS[preset], "name": preset}
+    for name in fields:  # suggestions cover `preset` and `init_from` too
+        if name not in Config.__dataclass_fields__:
+            raise ConfigError(unknown_field_message(source, "model.", name,
+                                                    [*Config.__dataclass_fields__, *MODEL_EXTRAS]))
     # The corpus tokenizer decides the vocabulary unless the recipe names one (e.g. padded to a multiple of 64).
     merged = {**base, "vocab_size": vocab_size, **fields}
     merged.setdefault("block_size", recipe.data.seq_len)
-    config = Config.from_dict(merged, source=f"{source}: model")
+    config = Config.from_dict(merged, source=source, prefix="model.")
     if config.block_size < recipe.data.seq_len:
-        raise ConfigError(f"{source}: data.seq_len ({recipe.data.seq_len}) exceeds model.block_size "
+        raise ConfigError(f"{source.file}: data.seq_len ({recipe.data.seq_len}) exceeds model.block_size "
                           f"({config.block_size})")
     if config.vocab_size < vocab_size:
-        raise ConfigError(f"{source}: model.vocab_size ({config.vocab_size}) is smaller than the tokenizer's "
+        raise ConfigError(f"{source.file}: model.vocab_size ({config.vocab_size}) is smaller than the tokenizer's "
                           f"vocabulary ({vocab_size})")
     return config
 
@@ -207,10 +223,10 @@ def pretrain(recipe: Recipe | str | Path | dict[str, Any], *, overrides: Sequenc
 
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe, overrides)
-    elif isinstance(recipe, dict):
-        recipe = recipe_from_dict(apply_overrides(json.loads(json.dumps(recipe)), list(overrides)))
-    elif overrides:
-        recipe = recipe_from_dict(apply_overrides(recipe.to_dict(), list(overrides)))
+    elif isinstance(recipe, dict) or overrides:
+        source = ConfigSource("recipe")
+        raw = json.loads(json.dumps(recipe)) if isinstance(recipe, dict) else recipe.to_dict()
+        recipe = recipe_from_dict(apply_overrides(raw, list(overrides), source), source)
     cfg = recipe.train
     run_dir = Path(recipe.out_dir)
     if not resume and (run_dir / "checkpoints" / "latest").exists():
@@ -241,8 +257,9 @@ def pretrain(recipe: Recipe | str | Path | dict[str, Any], *, overrides: Sequenc
             resolved = recipe.to_dict()
             resolved["model"] = {**model.config.to_dict(), **({"init_from": init_from} if init_from else {})}
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-            log.info("model: %s parameters; corpus: %d train / %d val tokens", f"{model.num_params():,}",
-                     corpus.num_tokens("train"), corpus.num_tokens("val"))
+            log.info("Pretraining a %s-parameter model on %s training tokens (%s for validation) in %s.",
+                     f"{model.num_params():,}", f"{corpus.num_tokens('train'):,}", f"{corpus.num_tokens('val'):,}",
+                     run_dir)
         d = recipe.data
         loader = TokenWindowLoader(corpus, "train", d.batch_size, d.seq_len, seed=cfg.seed, rank=info.rank,
                                    world_size=info.world_size)
