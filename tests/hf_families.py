@@ -22,8 +22,17 @@ def _longrope(rotary_dim: int) -> dict:
             "original_max_position_embeddings": 16}
 
 
-def hf_config(case: str):
-    """The transformers config of a named case."""
+def hf_config(case: str, **overrides):
+    """The transformers config of a named case (`overrides` replace config keys, e.g. vocab_size)."""
+    import transformers as T
+
+    config = _hf_config(case)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _hf_config(case: str):
     import transformers as T
 
     if case == "qwen3":
@@ -62,12 +71,12 @@ MOE_CASES = ["mixtral", "qwen3_moe", "olmoe"]
 FAMILY = {"qwen3-window": "qwen3", "phi4-mini": "phi3"}  # case -> gptforge family, when they differ
 
 
-def hf_model(case: str, attn_implementation: str = "eager"):
+def hf_model(case: str, attn_implementation: str = "eager", **overrides):
     """A random-init HF causal LM of the case, in eval mode, every weight perturbed."""
     import transformers as T
 
     torch.manual_seed(0)
-    config = hf_config(case)
+    config = hf_config(case, **overrides)
     config._attn_implementation = attn_implementation
     model = T.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
