@@ -35,6 +35,15 @@ def hf_config(case: str, **overrides):
 def _hf_config(case: str):
     import transformers as T
 
+    if case == "gpt2":
+        return T.GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=1,
+                            eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if case == "llama":
+        return T.LlamaConfig(**TINY, tie_word_embeddings=False)
+    if case == "mistral":
+        return T.MistralConfig(**TINY, sliding_window=8)
+    if case == "qwen2":
+        return T.Qwen2Config(**TINY)
     if case == "qwen3":
         return T.Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=False)
     if case == "qwen3-window":  # layer 1 slides over 8 keys, layer 0 is global
@@ -66,7 +75,8 @@ def _hf_config(case: str):
     raise ValueError(case)
 
 
-CASES = ["qwen3", "qwen3-window", "gemma2", "gemma3", "phi3", "phi4-mini", "olmo2", "mixtral", "qwen3_moe", "olmoe"]
+CASES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "qwen3-window", "gemma2", "gemma3", "phi3", "phi4-mini", "olmo2",
+         "mixtral", "qwen3_moe", "olmoe"]
 MOE_CASES = ["mixtral", "qwen3_moe", "olmoe"]
 FAMILY = {"qwen3-window": "qwen3", "phi4-mini": "phi3"}  # case -> gptforge family, when they differ
 
