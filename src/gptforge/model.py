@@ -314,9 +314,19 @@ class MoE(nn.Module):
         self.router_stats = (probs, chosen) if self.training else None
         if torch.compiler.is_compiling():
             out = self._dense(flat, chosen, weights)
+        elif flat.shape[0] == 1:
+            out = self._single(flat, chosen, weights)
         else:
             out = self._grouped(flat, chosen, weights)
         return out.view(b, t, c)
+
+    def _single(self, flat: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token (batch-1 decode): its k experts in turn, without the sort and scatter of `_grouped`."""
+        out = None
+        for expert, weight in zip(chosen[0].tolist(), weights[0].to(flat.dtype)):
+            y = self.experts[expert](flat) * weight  # (1, C)
+            out = y if out is None else out + y
+        return out
 
     def _grouped(self, flat: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each expert on its own tokens: one sort of the N*K assignments, one host read of the counts."""

@@ -64,6 +64,8 @@ def test_greedy_generation_matches(pair):
             ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
                               pad_token_id=0)[0, len(prompt):].tolist()
         assert len(ref) == len(output.token_ids) == 20
+        if prompt is prompts[0]:  # alone: batch-1 decode (one token per step, e.g. MoE's single-token path)
+            assert generate(ours, [prompt], max_new_tokens=20, eos_token_id=[])[0].token_ids == ref, case
         assert output.token_ids == ref, case
 
 

@@ -34,6 +34,7 @@ def test_grouped_and_dense_dispatch_equal_the_per_token_reference(norm_topk):
     with torch.no_grad():
         expected = _reference(moe, x.reshape(-1, 32)).reshape(3, 7, 32)
         torch.testing.assert_close(moe(x), expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(moe(x[:1, :1]), expected[:1, :1], atol=1e-6, rtol=1e-5)  # one token: _single
         probs = moe.router(x.reshape(-1, 32)).softmax(-1)
         weights, chosen = probs.topk(2)
         if norm_topk:
