@@ -30,7 +30,11 @@ from .errors import ConfigError  # noqa: E402  (re-exported: gptforge.config.Con
 
 @dataclass
 class Config:
-    """Architecture of a decoder-only Transformer. Field names follow nanoGPT/litgpt."""
+    """Architecture of a decoder-only Transformer. Field names follow nanoGPT/litgpt.
+
+    The fields from `norm_placement` on switch on other families' mechanisms; each is off by default
+    and a no-op when off (docs/models.md lists which family uses which).
+    """
 
     name: str = "custom"
     # HF architecture this config maps to when saved ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma2",
@@ -55,7 +59,6 @@ class Config:
     attn_qkv_bias: Optional[bool] = None  # Qwen2: bias on q/k/v only; None means `bias`
     tie_embeddings: bool = True
     sliding_window: Optional[int] = None  # Mistral-style local attention (each query sees this many keys)
-    # ---- family mechanisms: each is off by default and a no-op when off (docs/models.md) ----
     norm_placement: NormPlacement = "pre"  # "pre": x + f(norm(x)); "post": x + norm(f(x)) (OLMo 2); "sandwich": both (Gemma)
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight), weights stored around 0 (Gemma)
     qk_norm: Optional[QKNorm] = None  # RMSNorm on q and k: "head" per head (Qwen3, Gemma 3), "full" across heads (OLMo)
