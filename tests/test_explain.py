@@ -10,6 +10,7 @@ from gptforge import GPT, Tokenizer
 from gptforge.cli import main
 from gptforge.explain import attention_maps, explain, format_table, write_report
 from gptforge.loading import load_model, save
+from hf_families import hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,7 +30,7 @@ def _hf_pair(kind, tmp_path):
         hf = transformers.MistralForCausalLM(transformers.MistralConfig(**common, num_key_value_heads=1,
                                                                         sliding_window=5))
     else:
-        raise ValueError(kind)
+        hf = hf_model(kind)  # the other families, eager attention (tests/hf_families.py)
     hf.eval()
     with torch.no_grad():  # move every weight off its 0/1 init so the comparison sees all of them
         for p in hf.parameters():
@@ -38,25 +39,46 @@ def _hf_pair(kind, tmp_path):
     return hf, load_model(tmp_path / kind).eval()
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa", "mistral-window"])
+# Soft-capping (gemma2), QK-norm and per-layer RoPE bases (gemma3, qwen3, olmo2), per-layer windows
+# (qwen3-window: 8 keys), partial rotary and LongRoPE past position 16 (phi4-mini), experts (mixtral).
+FAMILIES = ["gemma2", "gemma3", "qwen3-window", "phi4-mini", "olmo2", "mixtral"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa", "mistral-window", *FAMILIES])
 def test_attention_matches_transformers_eager(kind, tmp_path):
     hf, ours = _hf_pair(kind, tmp_path)
-    ids = torch.randint(0, 97, (2, 12))
+    t = 20 if kind in FAMILIES else 12  # long enough to pass the 8-key windows and LongRoPE's switch at 16
+    ids = torch.randint(0, 97, (2, t))
     with torch.no_grad():
         ref = hf(ids, output_attentions=True)
     logits, maps = attention_maps(ours, ids)
-    assert maps.shape == (2, 2, 4, 12, 12)  # (layer, batch, head, query, key)
-    for layer in range(2):
+    n_layer = ours.config.n_layer
+    assert maps.shape == (n_layer, 2, 4, t, t)  # (layer, batch, head, query, key)
+    for layer in range(n_layer):
         torch.testing.assert_close(maps[layer], ref.attentions[layer], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(logits, ref.logits, atol=1e-4, rtol=1e-4)
     assert torch.allclose(maps.sum(-1), torch.ones(()), atol=1e-5)  # rows are distributions
     assert torch.all(maps.triu(diagonal=1) == 0)  # causal: no weight on future keys
 
 
-def test_attention_hooks_are_removed(tmp_path):
-    _, ours = _hf_pair("gpt2", tmp_path)
-    attention_maps(ours, torch.randint(0, 97, (1, 5)))
-    assert all(not block.attn.qkv._forward_hooks for block in ours.blocks)
+def test_recording_is_switched_off_afterwards(tmp_path):
+    _, ours = _hf_pair("llama-gqa", tmp_path)
+    ids = torch.randint(0, 97, (1, 5))
+    logits, _ = attention_maps(ours, ids)
+    assert all(not block.attn.record_weights and block.attn.weights is None for block in ours.blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), logits, atol=1e-5, rtol=1e-5)  # the SDPA path gives the same
+
+
+def test_attention_maps_come_from_the_model_forward(tmp_path):
+    """A change to the model's attention shows in the maps: they are the model's, not a copy's."""
+    _, ours = _hf_pair("llama-gqa", tmp_path)
+    ids = torch.randint(0, 97, (1, 6))
+    _, before = attention_maps(ours, ids)
+    ours.blocks[0].attn.scale = 3.0  # sharper scores in layer 0 only
+    _, after = attention_maps(ours, ids)
+    assert not torch.allclose(before[0], after[0], atol=1e-3)
+    assert torch.allclose(after.sum(-1), torch.ones(()), atol=1e-5)
 
 
 @pytest.fixture

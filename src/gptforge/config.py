@@ -1,4 +1,5 @@
-"""Model configuration: one dataclass for the GPT-2 and Llama families, named presets, YAML.
+"""Model configuration: one dataclass for every supported family (GPT-2, Llama, Qwen, Gemma, Phi-3, OLMo 2,
+mixture-of-experts), named presets, YAML.
 
 This module imports no torch so that CLIs, docs and the server can read configs cheaply.
 """
@@ -21,7 +22,11 @@ import yaml
 
 PosEmbedding = Literal["learned", "sinusoidal", "rope", "none"]
 NormKind = Literal["layernorm", "rmsnorm"]
-MLPKind = Literal["gelu", "swiglu"]
+MLPKind = Literal["gelu", "swiglu", "geglu"]
+NormPlacement = Literal["pre", "post", "sandwich"]
+QKNorm = Literal["head", "full"]
+LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's names for global and local attention layers
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 from .errors import ConfigError  # noqa: E402  (re-exported: gptforge.config.ConfigError)
@@ -29,10 +34,15 @@ from .errors import ConfigError  # noqa: E402  (re-exported: gptforge.config.Con
 
 @dataclass
 class Config:
-    """Architecture of a decoder-only Transformer. Field names follow nanoGPT/litgpt."""
+    """Architecture of a decoder-only Transformer. Field names follow nanoGPT/litgpt.
+
+    The fields from `norm_placement` on switch on other families' mechanisms; each is off by default
+    and a no-op when off (docs/models.md lists which family uses which).
+    """
 
     name: str = "custom"
-    # HF architecture this config maps to when saved ("gpt2", "llama", "qwen2", "mistral").
+    # HF architecture this config maps to when saved ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma2",
+    # "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe", "olmoe"); see docs/models.md.
     family: str = "gpt2"
     vocab_size: int = 50257
     block_size: int = 1024  # maximum context length (HF: max_position_embeddings / n_positions)
@@ -44,15 +54,33 @@ class Config:
     intermediate_size: Optional[int] = None  # None means 4 * n_embd (gelu) or the Llama rule (swiglu)
     pos_embedding: PosEmbedding = "learned"
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None  # HF rope_scaling dict; "llama3" and "linear" are supported
+    rope_scaling: Optional[dict] = None  # HF rope_scaling dict; "linear", "llama3" and "longrope" (Phi-3) are supported
     norm: NormKind = "layernorm"
     norm_eps: float = 1e-5
-    mlp: MLPKind = "gelu"
-    gelu_approximate: str = "tanh"  # GPT-2's "gelu_new" is the tanh approximation
+    mlp: MLPKind = "gelu"  # "swiglu": silu(gate) * up; "geglu": gelu(gate) * up (Gemma)
+    gelu_approximate: str = "tanh"  # GPT-2's "gelu_new" and Gemma's "gelu_pytorch_tanh" are the tanh approximation
     bias: bool = True  # biases in every Linear and LayerNorm (GPT-2)
     attn_qkv_bias: Optional[bool] = None  # Qwen2: bias on q/k/v only; None means `bias`
     tie_embeddings: bool = True
-    sliding_window: Optional[int] = None  # Mistral-style local attention
+    sliding_window: Optional[int] = None  # Mistral-style local attention (each query sees this many keys)
+    norm_placement: NormPlacement = "pre"  # "pre": x + f(norm(x)); "post": x + norm(f(x)) (OLMo 2); "sandwich": both (Gemma)
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight), weights stored around 0 (Gemma)
+    qk_norm: Optional[QKNorm] = None  # RMSNorm on q and k: "head" per head (Qwen3, Gemma 3), "full" across heads (OLMo)
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(n_embd) (Gemma)
+    query_pre_attn_scalar: Optional[float] = None  # attention scores scale by its -1/2 power; None: head_dim (Gemma)
+    attn_softcap: Optional[float] = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
+    logit_softcap: Optional[float] = None  # final logits -> cap * tanh(logits / cap) (Gemma 2)
+    layer_types: Optional[list[str]] = None  # per layer "full_attention" or "sliding_attention"; None: all use sliding_window
+    rope_local_theta: Optional[float] = None  # RoPE base of sliding-window layers, unscaled (Gemma 3); None: rope_theta
+    partial_rotary_factor: float = 1.0  # fraction of each head's dims that RoPE rotates (Phi-4-mini: 0.75)
+    fused_gate_up: bool = False  # gated MLPs hold one gate|up projection (Phi-3)
+    clip_qkv: Optional[float] = None  # clamp q, k and v to [-clip_qkv, clip_qkv] (OLMoE)
+    n_expert: int = 0  # mixture of experts: experts per MoE layer; 0 means dense MLPs everywhere
+    n_expert_per_token: int = 2  # top-k: experts each token is routed to
+    moe_intermediate_size: Optional[int] = None  # hidden width of each expert; None means the dense ffn width
+    moe_norm_topk: bool = True  # renormalise the top-k routing weights to sum to 1 (Mixtral; Qwen3-MoE norm_topk_prob)
+    moe_dense_layers: Optional[list[int]] = None  # layers that keep a dense MLP in an MoE model (Qwen3-MoE mlp_only_layers)
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss the model reports as `aux_loss` when training
     dropout: float = 0.0  # residual and MLP dropout
     attn_dropout: float = 0.0
     embd_dropout: float = 0.0
@@ -88,6 +116,35 @@ class Config:
     def qkv_bias(self) -> bool:
         return self.bias if self.attn_qkv_bias is None else self.attn_qkv_bias
 
+    @property
+    def expert_dim(self) -> int:
+        """Hidden width of one expert MLP."""
+        return self.moe_intermediate_size or self.ffn_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that RoPE rotates (the rest pass through)."""
+        return int(self.hdim * self.partial_rotary_factor)
+
+    @property
+    def rope_type(self) -> str:
+        scaling = self.rope_scaling or {}
+        return scaling.get("rope_type", scaling.get("type", "default"))
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        """The sliding window of layer `layer`, or None when it attends globally."""
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    def layer_uses_local_rope(self, layer: int) -> bool:
+        """Whether layer `layer` rotates with `rope_local_theta` (Gemma 3's sliding-window layers)."""
+        return self.rope_local_theta is not None and self.layer_window(layer) is not None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` holds a mixture of experts instead of a dense MLP."""
+        return self.n_expert > 0 and layer not in (self.moe_dense_layers or ())
+
     def validate(self) -> None:
         """Raise ConfigError naming the field when the architecture is inconsistent."""
         positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd"]
@@ -108,8 +165,10 @@ class Config:
         choices = {
             "pos_embedding": ("learned", "sinusoidal", "rope", "none"),
             "norm": ("layernorm", "rmsnorm"),
-            "mlp": ("gelu", "swiglu"),
+            "mlp": ("gelu", "swiglu", "geglu"),
             "gelu_approximate": ("tanh", "none"),
+            "norm_placement": ("pre", "post", "sandwich"),
+            "qk_norm": (None, "head", "full"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -118,22 +177,76 @@ class Config:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"config field '{name}' must be in [0, 1), got {value!r}")
+        self._validate_mechanisms()
+
+    def _validate_mechanisms(self) -> None:
+        """The family mechanisms: values in range and consistent with each other."""
+        for name in ("query_pre_attn_scalar", "attn_softcap", "logit_softcap", "rope_local_theta", "clip_qkv",
+                     "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+                raise ConfigError(f"config field '{name}' must be a positive number or null, got {value!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layer or any(t not in LAYER_TYPES for t in self.layer_types):
+                raise ConfigError(f"config field 'layer_types' must list {self.n_layer} entries (one per layer), each "
+                                  f"one of {LAYER_TYPES}; got {self.layer_types!r}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ConfigError("config field 'layer_types' names sliding_attention layers but 'sliding_window' "
+                                  "is null")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ConfigError(f"config field 'partial_rotary_factor' must be in (0, 1], got "
+                              f"{self.partial_rotary_factor!r}")
+        if self.pos_embedding == "rope" and (self.rotary_dim < 2 or self.rotary_dim % 2):
+            raise ConfigError(f"config field 'partial_rotary_factor' ({self.partial_rotary_factor}) leaves "
+                              f"{self.rotary_dim} rotary dimensions of head_dim {self.hdim}; RoPE needs an even "
+                              "number >= 2")
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"config field 'rope_scaling': unsupported rope_type {self.rope_type!r} "
+                              f"(supported: {', '.join(ROPE_TYPES[1:])})")
+        if self.rope_type == "longrope":
+            scaling = self.rope_scaling or {}
+            for key in ("short_factor", "long_factor"):
+                factors = scaling.get(key)
+                if not isinstance(factors, list) or len(factors) != self.rotary_dim // 2:
+                    raise ConfigError(f"config field 'rope_scaling.{key}' must list {self.rotary_dim // 2} numbers "
+                                      f"(rotary_dim / 2), got {factors!r}")
+            if not isinstance(scaling.get("original_max_position_embeddings"), int):
+                raise ConfigError("config field 'rope_scaling.original_max_position_embeddings' must be an integer "
+                                  "for longrope")
+        if self.fused_gate_up and self.mlp == "gelu":
+            raise ConfigError("config field 'fused_gate_up' needs a gated MLP (mlp: swiglu or geglu)")
+        if not isinstance(self.n_expert, int) or self.n_expert < 0:
+            raise ConfigError(f"config field 'n_expert' must be an integer >= 0, got {self.n_expert!r}")
+        if self.n_expert and not 1 <= self.n_expert_per_token <= self.n_expert:
+            raise ConfigError(f"config field 'n_expert_per_token' must be in [1, n_expert={self.n_expert}], got "
+                              f"{self.n_expert_per_token!r}")
+        bad = [i for i in (self.moe_dense_layers or ()) if not isinstance(i, int) or not 0 <= i < self.n_layer]
+        if bad:
+            raise ConfigError(f"config field 'moe_dense_layers' must hold layer indices in [0, {self.n_layer}), got {bad}")
 
     # ---- sizes for MFU and reports -------------------------------------------------------
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count computed from the config (matches the built model)."""
-        d, h, kv, hd, f = self.n_embd, self.n_head, self.kv_heads, self.hdim, self.ffn_dim
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
+        """Parameter count computed from the config (matches the built model).
+
+        `active=True` counts the experts a token uses (n_expert_per_token of n_expert) instead of all of them.
+        """
+        d, h, kv, hd = self.n_embd, self.n_head, self.kv_heads, self.hdim
         attn = d * (h + 2 * kv) * hd + h * hd * d
         if self.qkv_bias:
             attn += (h + 2 * kv) * hd
         if self.bias:
             attn += d
-        mlp = (3 if self.mlp == "swiglu" else 2) * d * f
-        if self.bias:
-            mlp += f * (2 if self.mlp == "swiglu" else 1) + d
+        attn += {"head": 2 * hd, "full": (h + kv) * hd, None: 0}[self.qk_norm]
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
-        per_layer = attn + mlp + 2 * norm
-        total = self.n_layer * per_layer + norm  # final norm
+        norms_per_layer = 4 if self.norm_placement == "sandwich" else 2
+        total = norm  # final norm
+        for layer in range(self.n_layer):
+            if self.is_moe_layer(layer):
+                experts = self.n_expert_per_token if active else self.n_expert
+                mlp = self.n_expert * d + experts * self._mlp_params(self.expert_dim)  # router + experts
+            else:
+                mlp = self._mlp_params(self.ffn_dim)
+            total += attn + mlp + norms_per_layer * norm
         embed = self.vocab_size * d
         pos = self.block_size * d if self.pos_embedding == "learned" else 0
         head = 0 if self.tie_embeddings else self.vocab_size * d
@@ -141,10 +254,19 @@ class Config:
             return total + head
         return total + embed + pos + head
 
+    def _mlp_params(self, width: int) -> int:
+        d = self.n_embd
+        gated = self.mlp != "gelu"
+        params = (3 if gated else 2) * d * width
+        if self.bias:
+            params += width * (2 if gated else 1) + d
+        return params
+
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L h q T."""
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L h q T (N: active parameters)."""
         t = seq_len or self.block_size
-        n = self.num_params(non_embedding=True) + (0 if not self.tie_embeddings else self.vocab_size * self.n_embd)
+        n = self.num_params(non_embedding=True, active=True) + (
+            0 if not self.tie_embeddings else self.vocab_size * self.n_embd)
         return 6 * n + 12 * self.n_layer * self.n_head * self.hdim * t
 
     # ---- (de)serialisation ---------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Explain a model's reading of a text: per-token log-probabilities, surprisal, alternatives, attention maps.
 
 The model attends with `scaled_dot_product_attention`, which never materialises the attention weights.
-`attention_maps` therefore captures each layer's fused q|k|v projection with forward hooks on
-`blocks[i].attn.qkv` and recomputes softmax(q k^T / sqrt(d) + mask) exactly as the model does (RoPE,
-grouped-query heads, causal and sliding-window masks). The weights are checked against `transformers`
-eager attention with `output_attentions=True`.
+`attention_maps` switches on each layer's opt-in recording (`Attention.record_weights`): for that one
+forward the model's own attention runs its eager path, the same code that soft-capped models always use,
+with the same masks, scaling, soft-cap, QK-norm and RoPE, and keeps the probabilities. Nothing here
+re-implements attention. The weights are checked against `transformers` eager attention with
+`output_attentions=True`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_write_bytes, atomic_write_text
-from .model import GPT, apply_rope
+from .model import GPT
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tokenizer import Tokenizer
@@ -108,42 +109,15 @@ def attention_maps(model: GPT, input_ids: torch.Tensor) -> tuple[torch.Tensor, t
         input_ids = input_ids[None]
     if model.has_cache:
         raise ValueError("attention_maps needs a model without a KV cache; call model.clear_cache() first")
-    config = model.config
-    captured: list[Optional[torch.Tensor]] = [None] * len(model.blocks)
-
-    def capture(index: int):
-        def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-            captured[index] = output.detach()
-        return hook
-
-    handles = [block.attn.qkv.register_forward_hook(capture(i)) for i, block in enumerate(model.blocks)]
+    layers = [block.attn for block in model.blocks]
+    for attn in layers:
+        attn.record_weights = True
     try:
         logits = model(input_ids)
+        maps = [attn.weights for attn in layers]  # each (B, H, T, T)
     finally:
-        for handle in handles:
-            handle.remove()
-
-    b, t = input_ids.shape
-    h, hkv, d = config.n_head, config.kv_heads, config.hdim
-    positions = torch.arange(t, device=input_ids.device)
-    causal = positions[None, :] <= positions[:, None]  # (T, T): query i sees keys j <= i
-    if config.sliding_window is not None:
-        causal = causal & (positions[:, None] - positions[None, :] < config.sliding_window)
-    maps = []
-    for qkv in captured:
-        assert qkv is not None, "a block's qkv projection did not run"
-        q, k, _ = qkv.float().split([h * d, hkv * d, hkv * d], dim=-1)
-        q = q.view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(b, t, hkv, d).transpose(1, 2)  # (B, Hkv, T, D)
-        if config.pos_embedding == "rope":
-            cos = model.rope_cos[positions][None, None].float()  # (1, 1, T, D)
-            sin = model.rope_sin[positions][None, None].float()
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if hkv != h:
-            k = k.repeat_interleave(h // hkv, dim=1)  # (B, H, T, D): each kv head serves h/hkv query heads
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, H, T, T)
-        scores = scores.masked_fill(~causal, float("-inf"))
-        maps.append(F.softmax(scores, dim=-1))
+        for attn in layers:
+            attn.record_weights, attn.weights = False, None
     return logits, torch.stack(maps)  # (L, B, H, T, T)
 
 

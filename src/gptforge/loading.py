@@ -27,7 +27,7 @@ from .checkpoint import load_state_into, load_tensors, save_tensors
 from .config import Config
 from .errors import CheckpointError
 from .interop import hf
-from .model import GPT, rope_cache, sinusoidal_table
+from .model import GPT
 from .tokenizer import Tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -67,11 +67,7 @@ def build_model(config: Config, device: str | torch.device = "cpu", *, empty: bo
     with torch.device("meta"):
         model = GPT(config)
     model = model.to_empty(device=device)
-    # Non-persistent tables are not in checkpoints: recompute what the meta build left empty.
-    if config.pos_embedding == "rope":
-        model.rope_cos, model.rope_sin = rope_cache(config, config.block_size, torch.device(device))
-    elif config.pos_embedding == "sinusoidal":
-        model.pos_table = sinusoidal_table(config.block_size, config.n_embd).to(device)
+    model.reset_tables(torch.device(device))  # non-persistent tables are not in checkpoints: recompute them
     return model
 
 

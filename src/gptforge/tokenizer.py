@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -51,6 +53,26 @@ CHATML_TEMPLATE = (
 )
 CHATML_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 DEFAULT_SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _raise_exception(message: str) -> None:
+    raise TokenizerError(f"chat template error: {message}")
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: Optional[int] = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    """JSON as chat templates expect it (Jinja's own `tojson` escapes HTML characters)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=1)
+def _template_environment() -> ImmutableSandboxedEnvironment:
+    """The sandboxed Jinja environment chat templates run in (built once)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
 
 
 class TokenizerError(GptforgeError, ValueError):
@@ -100,7 +122,9 @@ class Tokenizer:
 
     def stop_token_ids(self) -> list[int]:
         """Token ids that end a generation: EOS and, for chat models, the end-of-turn marker."""
-        ids = {self.eos_token_id, self.token_to_id("<|im_end|>"), self.token_to_id("<|eot_id|>")}
+        # End-of-turn markers: ChatML (Qwen), Llama 3, Gemma, Phi-3/4.
+        markers = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+        ids = {self.eos_token_id, *(self.token_to_id(m) for m in markers)}
         return sorted(i for i in ids if i is not None)
 
     # ---- encode / decode --------------------------------------------------------------------
@@ -168,29 +192,25 @@ class Tokenizer:
 
     # ---- chat templates ---------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                            tokenize: bool = False, tools: Optional[Sequence[dict[str, Any]]] = None
-                            ) -> str | list[int]:
+                            tokenize: bool = False, tools: Optional[Sequence[dict[str, Any]]] = None,
+                            **variables: Any) -> str | list[int]:
         """Render `messages` with the tokenizer's Jinja template (ChatML when it has none).
 
-        Messages and `tools` follow Hugging Face's conventions, so the templates of Qwen, Llama or Hermes
-        models render tool definitions, assistant `tool_calls` (arguments as dicts) and `tool` results."""
+        The environment is the one `transformers` gives templates (sandboxed, `{% break %}`/`{% continue %}`,
+        a `tojson` that keeps non-ASCII text, `raise_exception`, `strftime_now`), so the templates that Qwen3,
+        Gemma, Phi, Llama or Hermes tokenizers carry render as they do there. Messages and `tools` follow
+        Hugging Face's conventions (assistant `tool_calls` with dict arguments, `tool` results); `variables`
+        reach the template as globals, e.g. `enable_thinking=False` for Qwen3.
+        """
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message or \
                     ("content" not in message and not message.get("tool_calls")):
                 raise TokenizerError(f"messages[{i}] must be a mapping with 'role' and 'content' (or 'tool_calls')")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(message: str) -> None:
-            raise TokenizerError(f"chat template error: {message}")
-
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-        env.filters["tojson"] = _tojson
         try:
-            template = env.from_string(self.chat_template or CHATML_TEMPLATE)
+            template = _template_environment().from_string(self.chat_template or CHATML_TEMPLATE)
             text = template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                    tools=list(tools) if tools else None,
-                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "", **variables)
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"chat template failed to render: {exc}") from exc
         except TypeError as exc:  # e.g. a template adding None to a string
@@ -290,12 +310,6 @@ def bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return dict(zip(printable, (chr(c) for c in chars)))
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: Optional[int] = None,
-            separators: Optional[tuple[str, str]] = None, sort_keys: bool = False) -> str:
-    """Jinja's `tojson` as Hugging Face chat templates expect it: plain JSON, no HTML escaping."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _token_str(value: Any) -> Optional[str]:

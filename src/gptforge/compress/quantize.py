@@ -233,7 +233,10 @@ class QuantizedEmbedding(nn.Module):
 # ---- model-level --------------------------------------------------------------------------------
 
 def _linear_names(model: GPT, include_head: bool) -> list[str]:
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"]
+    """The linears to quantize: every block projection and expert; MoE routers stay float (as llama.cpp keeps
+    them), since a rounding error there changes which experts a token uses, not just a value."""
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name != "lm_head" and not name.endswith("mlp.router")]
     if include_head:
         names.append("lm_head")
     return names

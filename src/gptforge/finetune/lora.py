@@ -6,8 +6,10 @@ adapter leaves the model unchanged.
 
 Adapters are written as `adapter_config.json` + `adapter_model.safetensors` under Hugging Face module names,
 so `peft.PeftModel.from_pretrained` loads them on the HF export of the base model. Our fused `attn.qkv`
-becomes `c_attn` for GPT-2 (one module), and `q_proj`/`k_proj`/`v_proj` for Llama-style models: the three
-share our `lora_A` and split `lora_B` by rows, which is exact because (B A) split by rows is (B_q A; B_k A; B_v A).
+becomes `c_attn` for GPT-2 and `qkv_proj` for Phi-3 (one module each), and `q_proj`/`k_proj`/`v_proj` for the
+other families: the three share our `lora_A` and split `lora_B` by rows, which is exact because (B A) split
+by rows is (B_q A; B_k A; B_v A). Phi-3's fused `mlp.gate_up` is `gate_up_proj`. In mixture-of-experts
+models only attention is a target: PEFT maps MLP target names of such a model onto its fused expert weights.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # Our per-block linears that LoRA may wrap.
-LORA_TARGETS = ("attn.qkv", "attn.out", "mlp.gate", "mlp.up", "mlp.down")
+LORA_TARGETS = ("attn.qkv", "attn.out", "mlp.gate", "mlp.up", "mlp.down", "mlp.gate_up")
 # Our module suffix -> HF module suffixes (one per part of a fused weight, in row order).
 HF_MODULES = {
     "gpt2": {"attn.qkv": ["attn.c_attn"], "attn.out": ["attn.c_proj"], "mlp.up": ["mlp.c_fc"],
@@ -38,6 +40,8 @@ HF_MODULES = {
     "llama": {"attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
               "attn.out": ["self_attn.o_proj"], "mlp.gate": ["mlp.gate_proj"], "mlp.up": ["mlp.up_proj"],
               "mlp.down": ["mlp.down_proj"]},
+    "phi3": {"attn.qkv": ["self_attn.qkv_proj"], "attn.out": ["self_attn.o_proj"],
+             "mlp.gate_up": ["mlp.gate_up_proj"], "mlp.down": ["mlp.down_proj"]},
 }
 
 
@@ -115,10 +119,13 @@ def apply_lora(model: GPT, config: LoRAConfig, *, freeze_base: bool = True) -> G
     config.validate()
     wanted = set(config.target_modules)
     present = {_target_of(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if model.config.n_expert:  # PEFT reads gate/up/down_proj targets of an MoE model as its experts' weights
+        present = {t for t in present if t is None or not t.startswith("mlp.")}
     missing = sorted(wanted - present)
     if missing:
-        raise ConfigError(f"lora field 'target_modules': {missing} not in this model "
-                          f"(mlp.gate exists only with mlp: swiglu)")
+        raise ConfigError(f"lora field 'target_modules': {missing} not in this model (it has "
+                          f"{sorted(t for t in present if t)}; mlp.gate/up exist with a gated MLP, mlp.gate_up with "
+                          "a fused one (Phi-3), and mixture-of-experts layers offer no MLP targets)")
     if freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -161,7 +168,7 @@ def _family(model: GPT) -> Optional[str]:
     family = hf_family(model.config)
     if family is None:
         return None
-    return "gpt2" if family == "gpt2" else "llama"
+    return family if family in ("gpt2", "phi3") else "llama"  # every other family names modules as Llama does
 
 
 def _hf_block_prefix(family: str, i: int) -> str:
