@@ -72,15 +72,21 @@ def test_gguf_round_trip_names_shapes_metadata_values(tmp_path, tokenizer, famil
     assert info["token_embd.weight"] == [c.n_embd, c.vocab_size]
 
 
-def test_gguf_q8_0_values_close(tmp_path, tokenizer):
+@pytest.mark.parametrize("outtype, kind, error", [("q8_0", "Q8_0", 1 / 100), ("q4_0", "Q4_0", 1 / 6),
+                                                   ("bf16", "BF16", 1 / 200)])
+def test_gguf_quantized_values_close(tmp_path, tokenizer, outtype, kind, error):
     model = tiny("llama")
-    path = export_gguf(model, tmp_path / "q.gguf", tokenizer=tokenizer, outtype="q8_0")
-    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
-    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q8_0
+    path = export_gguf(model, tmp_path / "q.gguf", tokenizer=tokenizer, outtype=outtype)
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.ffn_up.weight"] == getattr(gguf.GGMLQuantizationType, kind)
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert _field(reader, "general.file_type") == getattr(gguf.LlamaFileType, f"MOSTLY_{kind}")
     back, ours = read_gguf_tensors(path), gguf_tensors(model)
     for name, tensor in ours.items():
-        np.testing.assert_allclose(back[name], tensor.numpy(), atol=float(tensor.abs().max()) / 100, err_msg=name)
+        np.testing.assert_allclose(back[name], tensor.numpy(), atol=float(tensor.abs().max()) * error, err_msg=name)
+    if outtype == "q4_0":  # 16 levels: coarser than Q8_0, but no weight moves by more than half a step
+        assert max(float(np.abs(back[n] - t.numpy()).max()) for n, t in ours.items()) > 1e-3
 
 
 def test_llama_qk_permutation_turns_rotate_half_into_interleaved_pairs():

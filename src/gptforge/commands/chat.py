@@ -12,7 +12,7 @@ import sys
 from typing import Any, Optional
 
 from .decoding_args import (add_model_arguments, add_moderation_argument, add_sampling_arguments, load_for_decoding,
-                            sampling_kwargs)
+                            passive_openmp, sampling_kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +35,7 @@ def fit_history(tokenizer: Any, messages: list[dict[str, str]], budget: int) -> 
 
 
 def run(args: argparse.Namespace, stdin: Optional[Any] = None, stdout: Optional[Any] = None) -> int:
+    passive_openmp()
     from ..generate import stream
     from ..sampling import SamplingParams
 
