@@ -29,7 +29,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
+# What gptforge's decoding commands do before torch loads OpenMP (gptforge.commands.decoding_args): idle
+# workers sleep instead of spinning. Set OMP_WAIT_POLICY=ACTIVE to measure the spinning default instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 # precision -> (how ours is made, GGUF type of the peer)
 PRECISIONS = {"fp32": ("float32", "f32"), "bf16": ("bfloat16", "bf16"), "f16": ("float16", "f16"),
@@ -175,7 +179,8 @@ def main() -> None:
         "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "compile": args.compile,
         "cpu": {"cores": os.cpu_count(), "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
                 "avx2": "avx2" in flags},
-        "torch": torch.__version__, "loadavg_before": [round(x, 2) for x in load_before],
+        "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()], "results": results,
     }
     print(json.dumps(report, indent=2))

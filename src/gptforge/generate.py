@@ -11,12 +11,15 @@ The prompt is run once (prefill) and each new token costs one single-position fo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
+from .cpu_features import UPCAST_MIN_ROWS_16BIT, upcast_rows
 from .emitter import SequenceEmitter
 from .sampling import (SamplingParams, StopStringMatcher, make_generator, process_logits, sample_next_token,
                        token_logprobs)
@@ -143,6 +146,22 @@ def _weights_version(model: torch.nn.Module) -> tuple[int, ...]:
     return tuple(p._version for p in model.parameters())
 
 
+COMPILE_ENV = "GPTFORGE_COMPILE"
+
+
+def compile_by_default() -> bool:
+    """Whether `compile=None` (the default of `generate`/`stream`) compiles the decode step: `GPTFORGE_COMPILE=1`.
+
+    Off unless asked for, because on CPU it pays only for long runs of small models: measured on a 2-core
+    AVX2 host, the compiled step decodes llama-small (25M params) 1.4x faster than eager but GPT-2-124M
+    fp32 no faster (its time is in the GEMVs, where Inductor's C++ GEMM matches MKL), while the first
+    call costs 60-110 s (Inductor's on-disk cache makes later processes cheaper). A short CLI run or a
+    test would only pay. The server's batch changes every step, and a dynamic-shape graph recompiled
+    for each new batch size (100 s + 130 s measured), so the serving engine decodes eagerly.
+    """
+    return os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def decode_step(model: torch.nn.Module, compile: bool) -> Callable[..., torch.Tensor]:
     """The single-token forward pass, eager or `torch.compile`d (compiled once per model and shape)."""
     if not compile:
@@ -160,25 +179,38 @@ def decode_step(model: torch.nn.Module, compile: bool) -> Callable[..., torch.Te
     return cached[1]
 
 
-def prepare_for_decoding(model: torch.nn.Module) -> torch.nn.Module:
-    """Store each fp32 `nn.Linear` weight column-major on CPU (same values, shapes, names and Parameter objects).
+def _linear_upcasting_rows(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, computed in fp32 when x has many rows and this CPU has no native 16-bit GEMM."""
+    weight, bias = module.weight, module.bias
+    if weight.dtype in (torch.bfloat16, torch.float16) and upcast_rows(x, weight.dtype, UPCAST_MIN_ROWS_16BIT):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
 
-    A single-token forward is a matrix-vector product per layer, bound by how fast the weights stream
-    from memory; on CPU, fp32 `x @ W.T` runs ~1.15-1.3x faster when `W.T` is contiguous (MKL's
-    transposed-B path; measured in benchmarks/decode.py). Only the storage of each Parameter changes
-    (`param.data`), so tied weights stay tied and an optimizer keeps its parameters; checkpoints are
-    written contiguous. bf16/fp16 weights are left alone: their column-major GEMV is 10-20x slower on
-    CPUs without native bf16/fp16 matmul instructions (AVX2). `generate` and `stream` call this on every
-    model they run (once: already re-laid weights are skipped), so it is the default path.
+
+def prepare_for_decoding(model: torch.nn.Module) -> torch.nn.Module:
+    """Lay a model out for fast CPU decoding, in place (same values, shapes, names and Parameters); returns it.
+
+    - fp32 `nn.Linear` weights are stored column-major: a single-token forward is a matrix-vector product
+      per layer, bound by how fast the weights stream, and fp32 `x @ W.T` runs ~1.15-1.3x faster when
+      `W.T` is contiguous (MKL's transposed-B path). Only each Parameter's storage changes (`param.data`),
+      so tied weights stay tied and an optimizer keeps its parameters; checkpoints are written contiguous.
+    - bf16/fp16 weights keep their layout (their column-major GEMV is 10-20x slower on AVX2), and on a CPU
+      without native 16-bit GEMM (`gptforge.cpu_features`) their linears compute products of many rows
+      (a prefill) in fp32, ~6x faster there, while single-token steps keep reading 16-bit weights.
+    `generate`, `stream` and the server call this on every model they run (a no-op once done), so it is
+    the default path.
     """
     # Outside inference mode: the new storage must stay usable for training (inference tensors are not).
     with torch.inference_mode(False), torch.no_grad():
         for module in model.modules():
             weight = getattr(module, "weight", None)
-            if (type(module) is torch.nn.Linear and isinstance(weight, torch.Tensor) and weight.dim() == 2
-                    and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
-                    and weight.shape[0] > 1 and weight.shape[1] > 1):
+            if (type(module) is not torch.nn.Linear or not isinstance(weight, torch.Tensor) or weight.dim() != 2
+                    or weight.device.type != "cpu" or min(weight.shape) < 2):
+                continue
+            if weight.dtype == torch.float32 and weight.is_contiguous():
                 weight.data = weight.detach().t().contiguous().t()
+            elif weight.dtype in (torch.bfloat16, torch.float16) and "forward" not in module.__dict__:
+                module.forward = partial(_linear_upcasting_rows, module)  # decided per call: dtypes may change
     return model
 
 
@@ -215,12 +247,15 @@ class _Batch:
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
              params: Optional[SamplingParams] = None, echo: bool = False, truncate_prompt: bool = False,
-             skip_special_tokens: bool = True, compile: bool = False, **kwargs: Any) -> list[GenerationOutput]:
+             skip_special_tokens: bool = True, compile: Optional[bool] = None,
+             **kwargs: Any) -> list[GenerationOutput]:
     """Continue each prompt; returns len(prompts) * num_return_sequences outputs, grouped by prompt.
 
     Parameters are `SamplingParams` fields (max_new_tokens, temperature, top_p, stop, num_beams, ...),
     given as keywords or as `params=`. `echo=True` adds the prompt's own log-probabilities.
+    `compile`: torch.compile the decode step (None: `compile_by_default()`, i.e. `GPTFORGE_COMPILE=1`).
     """
+    compile = compile_by_default() if compile is None else compile
     params = params.replace(**kwargs) if params is not None else SamplingParams.from_kwargs(**kwargs)
     if params.stop_strings and tokenizer is None:
         raise ValueError("stop: stop strings need a tokenizer to turn tokens into text")
@@ -245,13 +280,14 @@ def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
 
 def stream(model: torch.nn.Module, prompt: Prompt, tokenizer: Any = None, *,
            params: Optional[SamplingParams] = None, truncate_prompt: bool = False,
-           skip_special_tokens: bool = True, compile: bool = False, **kwargs: Any) -> Iterator[str]:
+           skip_special_tokens: bool = True, compile: Optional[bool] = None, **kwargs: Any) -> Iterator[str]:
     """Yield text deltas of one continuation as they are decoded.
 
     Deltas never split a multi-byte character, and text that may begin a stop string is held back
     until it is known not to (a matched stop string is never yielded).
     """
     params = params.replace(**kwargs) if params is not None else SamplingParams.from_kwargs(**kwargs)
+    compile = compile_by_default() if compile is None else compile
     if params.num_beams > 1 or params.num_return_sequences > 1:
         raise ValueError("stream: num_beams and num_return_sequences must be 1 when streaming")
     if tokenizer is None:
@@ -551,4 +587,4 @@ def _beam_search(model: torch.nn.Module, prompts: list[list[int]], params: Sampl
     return outputs
 
 
-__all__ = ["generate", "stream", "score_tokens", "prepare_for_decoding", "GenerationOutput", "SamplingParams", "normalize_prompts"]
+__all__ = ["generate", "stream", "score_tokens", "prepare_for_decoding", "compile_by_default", "GenerationOutput", "SamplingParams", "normalize_prompts"]

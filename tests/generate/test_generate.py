@@ -221,3 +221,19 @@ def test_generate_leaves_16_bit_weights_row_major(tokenizer):
         model = GPT(config).eval().to(dtype)
         generate(model, PROMPTS[:1], tokenizer, max_new_tokens=2, eos_token_id=[])
         assert model.blocks[0].attn.qkv.weight.is_contiguous()
+
+
+def test_compile_is_off_by_default_and_on_with_the_environment(tokenizer, monkeypatch):
+    import gptforge.generate as gen
+
+    seen = []
+    real = gen.decode_step
+    monkeypatch.setattr(gen, "decode_step", lambda model, compile: seen.append(compile) or real(model, False))
+    model = GPT(Config.from_name("nano").replace(vocab_size=tokenizer.vocab_size, block_size=64)).eval()
+    monkeypatch.delenv(gen.COMPILE_ENV, raising=False)
+    generate(model, PROMPTS[:1], tokenizer, max_new_tokens=2)
+    monkeypatch.setenv(gen.COMPILE_ENV, "1")
+    generate(model, PROMPTS[:1], tokenizer, max_new_tokens=2)
+    list(stream(model, PROMPTS[0], tokenizer, max_new_tokens=2))
+    generate(model, PROMPTS[:1], tokenizer, max_new_tokens=2, compile=False)  # an explicit choice wins
+    assert seen == [False, True, True, False]
