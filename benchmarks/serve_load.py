@@ -64,7 +64,7 @@ class Server:
     name = "gptforge serve"
 
     def __init__(self, model_dir: Path, max_concurrency: int, threads: int | None, extra: list[str] = (),
-                 cmd: list[str] | None = None) -> None:
+                 cmd: list[str] | None = None, log: Path | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         if cmd is None:
@@ -73,8 +73,10 @@ class Server:
             if threads:
                 cmd += ["--threads", str(threads)]
             cmd += list(extra)
+        self.log = log
+        sink = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (closed with the process)
         self.proc = subprocess.Popen([c.replace("{port}", str(self.port)) for c in cmd],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=sink, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
 
     def __enter__(self) -> "Server":
         deadline = time.monotonic() + 120
@@ -97,10 +99,10 @@ class Server:
 def llama_server(binaries: Path, gguf: Path, slots: int, context: int, threads: int | None) -> Server:
     """llama.cpp's server on `gguf` with `slots` parallel sequences of `context` tokens each."""
     cmd = [str(binaries / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", "{port}",
-           "-np", str(slots), "-c", str(context * slots), "--no-webui", "--log-disable"]
+           "-np", str(slots), "-c", str(context * slots), "--no-webui"]
     if threads:
         cmd += ["-t", str(threads)]
-    server = Server(gguf, slots, threads, cmd=cmd)
+    server = Server(gguf, slots, threads, cmd=cmd, log=gguf.with_suffix(".log"))
     server.name = "llama-server"
     return server
 
@@ -187,7 +189,11 @@ def compare_llama_server(args: argparse.Namespace, levels: list[int]) -> dict:
                 for c in levels:
                     n = max(args.requests_per_level, c)
                     ours[c].append(asyncio.run(run_level(server.base, name, c, n, body)))
-                    theirs[c].append(asyncio.run(run_level(peer.base, name, c, n, peer_body)))
+                    try:
+                        theirs[c].append(asyncio.run(run_level(peer.base, name, c, n, peer_body)))
+                    except httpx.HTTPError as exc:
+                        tail = peer.log.read_bytes()[-1500:].decode(errors="replace") if peer.log else ""
+                        raise RuntimeError(f"llama-server failed ({exc!r}); its log ends:\n{tail}") from exc
                     print(f"round {round_ + 1}/{args.repeats} concurrency {c}: ours {ours[c][-1]['tokens_per_s']} "
                           f"tok/s, llama-server {theirs[c][-1]['tokens_per_s']} tok/s", file=sys.stderr, flush=True)
     levels_out = []

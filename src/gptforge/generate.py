@@ -155,9 +155,10 @@ def compile_by_default() -> bool:
     Off unless asked for, because on CPU it pays only for long runs of small models: measured on a 2-core
     AVX2 host, the compiled step decodes llama-small (25M params) 1.4x faster than eager but GPT-2-124M
     fp32 no faster (its time is in the GEMVs, where Inductor's C++ GEMM matches MKL), while the first
-    call costs 60-110 s (Inductor's on-disk cache makes later processes cheaper). A short CLI run or a
-    test would only pay. The server's batch changes every step, and a dynamic-shape graph recompiled
-    for each new batch size (100 s + 130 s measured), so the serving engine decodes eagerly.
+    call costs 60-110 s, in every new process (Inductor's on-disk cache did not shorten a second process's
+    first call with frozen weights: 110 s measured). A short CLI run or a test would only pay. The server's
+    batch changes every step, and a dynamic-shape graph recompiled for each new batch size (100 s + 130 s
+    measured), so the serving engine decodes eagerly.
     """
     return os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
