@@ -11,12 +11,15 @@ The prompt is run once (prefill) and each new token costs one single-position fo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
+from .cpu_features import UPCAST_MIN_ROWS_16BIT, upcast_rows
 from .emitter import SequenceEmitter
 from .healing import HealedPrompt, heal_prompt
 from .sampling import (FILTERED, SamplingParams, StopStringMatcher, make_generator, process_logits,
@@ -144,6 +147,23 @@ def _weights_version(model: torch.nn.Module) -> tuple[int, ...]:
     return tuple(p._version for p in model.parameters())
 
 
+COMPILE_ENV = "GPTFORGE_COMPILE"
+
+
+def compile_by_default() -> bool:
+    """Whether `compile=None` (the default of `generate`/`stream`) compiles the decode step: `GPTFORGE_COMPILE=1`.
+
+    Off unless asked for, because on CPU it pays only for long runs of small models: measured on a 2-core
+    AVX2 host, the compiled step decodes llama-small (25M params) 1.4x faster than eager but GPT-2-124M
+    fp32 no faster (its time is in the GEMVs, where Inductor's C++ GEMM matches MKL), while the first
+    call costs 60-110 s, in every new process (Inductor's on-disk cache did not shorten a second process's
+    first call with frozen weights: 110 s measured). A short CLI run or a test would only pay. The server's
+    batch changes every step, and a dynamic-shape graph recompiled for each new batch size (100 s + 130 s
+    measured), so the serving engine decodes eagerly.
+    """
+    return os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def decode_step(model: torch.nn.Module, compile: bool) -> Callable[..., torch.Tensor]:
     """The single-token forward pass, eager or `torch.compile`d (compiled once per model and shape)."""
     if not compile:
@@ -161,25 +181,38 @@ def decode_step(model: torch.nn.Module, compile: bool) -> Callable[..., torch.Te
     return cached[1]
 
 
-def prepare_for_decoding(model: torch.nn.Module) -> torch.nn.Module:
-    """Store each plain `nn.Linear` weight column-major on CPU (same values, shapes and names); returns model.
+def _linear_upcasting_rows(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, computed in fp32 when x has many rows and this CPU has no native 16-bit GEMM."""
+    weight, bias = module.weight, module.bias
+    if weight.dtype in (torch.bfloat16, torch.float16) and upcast_rows(x, weight.dtype, UPCAST_MIN_ROWS_16BIT):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
 
-    A single-token forward is a matrix-vector product per layer, bound by how fast the weights stream
-    from memory; on CPU, `x @ W.T` runs about 1.3x faster when `W.T` is contiguous (measured in
-    benchmarks/decode.py). Training and saving still work (checkpoints are written contiguous), but
-    code that `.view()`s a weight needs `.contiguous()` first, so this is opt-in: the `generate` and
-    `chat` commands call it on the models they load.
+
+def prepare_for_decoding(model: torch.nn.Module) -> torch.nn.Module:
+    """Lay a model out for fast CPU decoding, in place (same values, shapes, names and Parameters); returns it.
+
+    - fp32 `nn.Linear` weights are stored column-major: a single-token forward is a matrix-vector product
+      per layer, bound by how fast the weights stream, and fp32 `x @ W.T` runs ~1.15-1.3x faster when
+      `W.T` is contiguous (MKL's transposed-B path). Only each Parameter's storage changes (`param.data`),
+      so tied weights stay tied and an optimizer keeps its parameters; checkpoints are written contiguous.
+    - bf16/fp16 weights keep their layout (their column-major GEMV is 10-20x slower on AVX2), and on a CPU
+      without native 16-bit GEMM (`gptforge.cpu_features`) their linears compute products of many rows
+      (a prefill) in fp32, ~6x faster there, while single-token steps keep reading 16-bit weights.
+    `generate`, `stream` and the server call this on every model they run (a no-op once done), so it is
+    the default path.
     """
-    tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is model.wte.weight
-    with torch.no_grad():
+    # Outside inference mode: the new storage must stay usable for training (inference tensors are not).
+    with torch.inference_mode(False), torch.no_grad():
         for module in model.modules():
             weight = getattr(module, "weight", None)
-            if (type(module) is torch.nn.Linear and weight is not None and weight.dim() == 2
-                    and weight.device.type == "cpu" and weight.dtype.is_floating_point and weight.is_contiguous()):
-                module.weight = torch.nn.Parameter(weight.detach().t().contiguous().t(),
-                                                   requires_grad=weight.requires_grad)
-    if tied:
-        model.wte.weight = model.lm_head.weight
+            if (type(module) is not torch.nn.Linear or not isinstance(weight, torch.Tensor) or weight.dim() != 2
+                    or weight.device.type != "cpu" or min(weight.shape) < 2):
+                continue
+            if weight.dtype == torch.float32 and weight.is_contiguous():
+                weight.data = weight.detach().t().contiguous().t()
+            elif weight.dtype in (torch.bfloat16, torch.float16) and "forward" not in module.__dict__:
+                module.forward = partial(_linear_upcasting_rows, module)  # decided per call: dtypes may change
     return model
 
 
@@ -226,7 +259,7 @@ def _heal(prompts: Prompts, token_prompts: list[list[int]], tokenizer: Any,
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
              params: Optional[SamplingParams] = None, echo: bool = False, truncate_prompt: bool = False,
-             skip_special_tokens: bool = True, compile: bool = False, token_healing: bool = True,
+             skip_special_tokens: bool = True, compile: Optional[bool] = None, token_healing: bool = True,
              **kwargs: Any) -> list[GenerationOutput]:
     """Continue each prompt; returns len(prompts) * num_return_sequences outputs, grouped by prompt.
 
@@ -234,13 +267,16 @@ def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
     given as keywords or as `params=`. `echo=True` adds the prompt's own log-probabilities.
     `token_healing` (text prompts, sampling and greedy decoding, not with echo) lets the model re-choose
     the prompt's last token (see gptforge.healing); the output text still continues the prompt exactly.
+    `compile`: torch.compile the decode step (None: `compile_by_default()`, i.e. `GPTFORGE_COMPILE=1`).
     """
+    compile = compile_by_default() if compile is None else compile
     params = params.replace(**kwargs) if params is not None else SamplingParams.from_kwargs(**kwargs)
     if params.stop_strings and tokenizer is None:
         raise ValueError("stop: stop strings need a tokenizer to turn tokens into text")
     token_prompts = normalize_prompts(prompts, tokenizer)
     _check_ids(model, token_prompts)
     token_prompts = _fit_context(model, token_prompts, truncate_prompt)
+    prepare_for_decoding(model)  # the decode layout is the default path (a no-op once done)
     was_training = model.training
     model.eval()
     try:
@@ -259,7 +295,7 @@ def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
 
 def stream(model: torch.nn.Module, prompt: Prompt, tokenizer: Any = None, *,
            params: Optional[SamplingParams] = None, truncate_prompt: bool = False,
-           skip_special_tokens: bool = True, compile: bool = False, token_healing: bool = True,
+           skip_special_tokens: bool = True, compile: Optional[bool] = None, token_healing: bool = True,
            **kwargs: Any) -> Iterator[str]:
     """Yield text deltas of one continuation as they are decoded.
 
@@ -267,6 +303,7 @@ def stream(model: torch.nn.Module, prompt: Prompt, tokenizer: Any = None, *,
     until it is known not to (a matched stop string is never yielded).
     """
     params = params.replace(**kwargs) if params is not None else SamplingParams.from_kwargs(**kwargs)
+    compile = compile_by_default() if compile is None else compile
     if params.num_beams > 1 or params.num_return_sequences > 1:
         raise ValueError("stream: num_beams and num_return_sequences must be 1 when streaming")
     if tokenizer is None:
@@ -275,6 +312,7 @@ def stream(model: torch.nn.Module, prompt: Prompt, tokenizer: Any = None, *,
         raise ValueError("stream: expected one prompt (a string or a list of token ids)")
     token_prompts = _fit_context(model, normalize_prompts(prompt, tokenizer), truncate_prompt)
     _check_ids(model, token_prompts)
+    prepare_for_decoding(model)
     run = _SamplingRun(model, token_prompts, params, tokenizer, skip_special_tokens, want_deltas=True,
                        compile=compile, healed=_heal(prompt, token_prompts, tokenizer, token_healing))
     was_training = model.training
@@ -577,4 +615,4 @@ def _beam_search(model: torch.nn.Module, prompts: list[list[int]], params: Sampl
     return outputs
 
 
-__all__ = ["generate", "stream", "score_tokens", "prepare_for_decoding", "GenerationOutput", "SamplingParams", "normalize_prompts"]
+__all__ = ["generate", "stream", "score_tokens", "prepare_for_decoding", "compile_by_default", "GenerationOutput", "SamplingParams", "normalize_prompts"]

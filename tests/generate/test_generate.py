@@ -179,20 +179,61 @@ def test_compiled_decode_step_gives_the_same_tokens(tokenizer):
     assert "".join(stream(model, PROMPTS[0], tokenizer, compile=True, **kwargs)) == eager[0].text
 
 
-def test_prepare_for_decoding_keeps_outputs_ties_and_checkpoints(tokenizer, tmp_path):
-    from gptforge.generate import prepare_for_decoding
+def _greedy_without_cache(model: GPT, ids: list[int], n: int) -> list[int]:
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[-n:]
+
+
+def test_generate_lays_fp32_weights_out_for_decoding_by_default(tokenizer, tmp_path):
+    """The fast layout is the default path: same tokens, same Parameters, ties, training and checkpoints."""
+    import copy
 
     torch.manual_seed(0)
     config = Config.from_name("nano").replace(vocab_size=tokenizer.vocab_size, block_size=64, init_std=0.2)
     model = GPT(config).eval()
-    before = generate(model, PROMPTS, tokenizer, max_new_tokens=8, eos_token_id=[])
+    reference = copy.deepcopy(model)
+    params = list(model.parameters())
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    prepare_for_decoding(model)
-    assert not model.blocks[0].attn.qkv.weight.is_contiguous()
+    out = generate(model, PROMPTS, tokenizer, max_new_tokens=8, eos_token_id=[])
+    assert not model.blocks[0].attn.qkv.weight.is_contiguous()  # column-major: W.T is contiguous
+    assert all(a is b for a, b in zip(model.parameters(), params))  # an optimizer keeps its parameters
     assert model.lm_head.weight is model.wte.weight  # the tie survives
-    after = generate(model, PROMPTS, tokenizer, max_new_tokens=8, eos_token_id=[])
-    assert [o.token_ids for o in after] == [o.token_ids for o in before]
+    for o, prompt in zip(out, PROMPTS):
+        assert o.token_ids == _greedy_without_cache(reference, tokenizer.encode(prompt), 8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    model(torch.tensor([[1, 2, 3]])).sum().backward()  # not inference tensors: training goes on
+    optimizer.zero_grad()
+    model.eval()
     save(tmp_path / "saved", model, tokenizer)
     reloaded = load_model(tmp_path / "saved")
     for name, value in reloaded.state_dict().items():
         assert torch.equal(value, state[name]), name
+
+
+def test_generate_leaves_16_bit_weights_row_major(tokenizer):
+    """bf16/fp16 column-major GEMV is 10-20x slower on CPUs without native 16-bit matmul, so no re-layout."""
+    config = Config.from_name("nano").replace(vocab_size=tokenizer.vocab_size, block_size=64)
+    for dtype in (torch.bfloat16, torch.float16):
+        model = GPT(config).eval().to(dtype)
+        generate(model, PROMPTS[:1], tokenizer, max_new_tokens=2, eos_token_id=[])
+        assert model.blocks[0].attn.qkv.weight.is_contiguous()
+
+
+def test_compile_is_off_by_default_and_on_with_the_environment(tokenizer, monkeypatch):
+    import gptforge.generate as gen
+
+    seen = []
+    real = gen.decode_step
+    monkeypatch.setattr(gen, "decode_step", lambda model, compile: seen.append(compile) or real(model, False))
+    model = GPT(Config.from_name("nano").replace(vocab_size=tokenizer.vocab_size, block_size=64)).eval()
+    monkeypatch.delenv(gen.COMPILE_ENV, raising=False)
+    generate(model, PROMPTS[:1], tokenizer, max_new_tokens=2)
+    monkeypatch.setenv(gen.COMPILE_ENV, "1")
+    generate(model, PROMPTS[:1], tokenizer, max_new_tokens=2)
+    list(stream(model, PROMPTS[0], tokenizer, max_new_tokens=2))
+    generate(model, PROMPTS[:1], tokenizer, max_new_tokens=2, compile=False)  # an explicit choice wins
+    assert seen == [False, True, True, False]

@@ -72,15 +72,21 @@ def test_gguf_round_trip_names_shapes_metadata_values(tmp_path, tokenizer, famil
     assert info["token_embd.weight"] == [c.n_embd, c.vocab_size]
 
 
-def test_gguf_q8_0_values_close(tmp_path, tokenizer):
+@pytest.mark.parametrize("outtype, kind, error", [("q8_0", "Q8_0", 1 / 100), ("q4_0", "Q4_0", 1 / 6),
+                                                   ("bf16", "BF16", 1 / 200)])
+def test_gguf_quantized_values_close(tmp_path, tokenizer, outtype, kind, error):
     model = tiny("llama")
-    path = export_gguf(model, tmp_path / "q.gguf", tokenizer=tokenizer, outtype="q8_0")
-    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
-    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q8_0
+    path = export_gguf(model, tmp_path / "q.gguf", tokenizer=tokenizer, outtype=outtype)
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.ffn_up.weight"] == getattr(gguf.GGMLQuantizationType, kind)
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert _field(reader, "general.file_type") == getattr(gguf.LlamaFileType, f"MOSTLY_{kind}")
     back, ours = read_gguf_tensors(path), gguf_tensors(model)
     for name, tensor in ours.items():
-        np.testing.assert_allclose(back[name], tensor.numpy(), atol=float(tensor.abs().max()) / 100, err_msg=name)
+        np.testing.assert_allclose(back[name], tensor.numpy(), atol=float(tensor.abs().max()) * error, err_msg=name)
+    if outtype == "q4_0":  # 16 levels: coarser than Q8_0, but no weight moves by more than half a step
+        assert max(float(np.abs(back[n] - t.numpy()).max()) for n, t in ours.items()) > 1e-3
 
 
 def test_llama_qk_permutation_turns_rotate_half_into_interleaved_pairs():
@@ -133,3 +139,33 @@ def test_llama_cpp_greedy_tokens_match(tmp_path, tokenizer, family):
             ours.append(token)
             ids.append(token)
     assert ours == theirs
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_llama_cpp_binary_greedy_bytes_match(tmp_path, tokenizer, family):
+    """llama.cpp's own CLI ($LLAMACPP_BIN/llama-completion) continues an exported model exactly as we do."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from gptforge.generate import generate
+
+    binary = Path(os.environ.get("LLAMACPP_BIN", "")) / "llama-completion"
+    if not os.environ.get("LLAMACPP_BIN") or not binary.is_file():
+        pytest.skip("set LLAMACPP_BIN to a folder with llama.cpp's llama-completion to run this check")
+    torch.manual_seed(0)
+    # The tokenizer's own vocabulary (no padding ids, which llama.cpp prints as nothing) and 64-wide heads.
+    name = "nano" if family == "gpt2" else "llama-nano"
+    config = Config.from_name(name, vocab_size=tokenizer.vocab_size, block_size=64, n_embd=128, n_head=2,
+                              init_std=0.2, **({"n_kv_head": 1} if family == "llama" else {}))
+    model = GPT(config).eval()
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer)
+    prompt = "the quick brown fox"
+    ours = generate(model, prompt, tokenizer, max_new_tokens=12, eos_token_id=[])[0].token_ids
+    table = tokenizer.token_bytes()
+    done = subprocess.run([str(binary), "-m", str(path), "-p", prompt, "-n", "12", "--temp", "0", "--ignore-eos",
+                           "-no-cnv", "--no-display-prompt", "-t", "1", "--no-warmup", "-c", "64"],
+                          capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shown = b"".join(table[t] for t in ours if t not in tokenizer.special_ids)  # llama.cpp prints no control tokens
+    assert done.stdout.rstrip(b"\n") == shown.rstrip(b"\n")

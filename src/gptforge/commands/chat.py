@@ -17,7 +17,7 @@ import sys
 from typing import Any, Callable, Iterator, Optional
 
 from .decoding_args import (add_model_arguments, add_moderation_argument, add_sampling_arguments, load_for_decoding,
-                            sampling_kwargs)
+                            passive_openmp, sampling_kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +98,7 @@ def _stream_reply(deltas: Iterator[tuple[str, bool]], write: Callable[[str], Non
 
 
 def run(args: argparse.Namespace, stdin: Optional[Any] = None, stdout: Optional[Any] = None) -> int:
+    passive_openmp()
     from ..generate import stream
     from ..sampling import SamplingParams
 

@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, help="hf (transformers directory) or gguf (one llama.cpp file)")
     parser.add_argument("--out", required=True, help="output directory (hf) or file (gguf)")
     parser.add_argument("--dtype", default=None,
-                        help="hf: float32 | bfloat16 | float16 (default float32); gguf: f32 | f16 | q8_0 (default f32)")
+                        help="hf: float32 | bfloat16 | float16 (default float32); gguf: f32 | f16 | bf16 | q8_0 | q4_0 (default f32)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .decoding_args import (add_model_arguments, add_moderation_argument, add_sampling_arguments, load_for_decoding,
-                            sampling_kwargs)
+                            passive_openmp, sampling_kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +44,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    passive_openmp()
     import torch
 
     from ..safety import load_moderator

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Start the server (blocks until SIGINT/SIGTERM)."""
+    from .decoding_args import passive_openmp
+
+    passive_openmp()  # idle compute threads must not spin on the event loop's core
     import torch
 
     from ..serve.app import ServerOptions, create_app, load_model_dir, run_server

@@ -19,7 +19,9 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from ..cpu_features import UPCAST_MIN_ROWS_QUANTIZED, upcast_rows
 from ..model import GPT
 
 QUANT_METHOD = "gptforge"
@@ -131,6 +133,10 @@ class Int8Linear(nn.Module):
             xq = torch.round(x2.float() / x_scale).clamp(-127, 127).to(torch.int8)
             acc = torch._int_mm(xq, self.weight.t())  # (M, N) int32
             y = (acc.float() * x_scale * self.weight_scale[None, :]).to(self.compute_dtype)
+        elif upcast_rows(x2, self.compute_dtype, UPCAST_MIN_ROWS_QUANTIZED):
+            # Many rows (a prefill) on a CPU without native bf16: dequantize once and use the fp32 GEMM.
+            weight = self.weight.float() * self.weight_scale[:, None]
+            y = F.linear(x2.float(), weight).to(self.compute_dtype)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self._scale_c)
         if self._bias_c is not None:
@@ -194,7 +200,12 @@ class Int4Linear(nn.Module):
             self.prepare()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype).contiguous()  # (M, K)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel_weight, self.group_size, self._scale_zero)
+        if upcast_rows(x2, self.compute_dtype, UPCAST_MIN_ROWS_QUANTIZED):
+            # Many rows (a prefill) on a CPU without native bf16: dequantize once and use the fp32 GEMM.
+            y = F.linear(x2.float(), self.dequantized_weight()).to(self.compute_dtype)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel_weight, self.group_size,
+                                                           self._scale_zero)
         if y.shape[-1] != self.out_features:
             y = y[:, : self.out_features]
         if self._bias_c is not None:

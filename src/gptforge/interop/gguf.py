@@ -16,7 +16,10 @@ Layouts follow llama.cpp's own converter (convert_hf_to_gguf.py):
 - Tokenizer: byte-level BPE vocabulary, merges and token types (`tokenizer.ggml.model = "gpt2"`,
   pre-tokenizer "gpt-2", the GPT-2 regex our BPE tokenizers use); padded with unused tokens up to the
   model's vocab_size.
-1-D tensors (norms, biases) are always F32, as llama.cpp expects; 2-D weights are F32, F16 or Q8_0.
+1-D tensors (norms, biases) are always F32, as llama.cpp expects; 2-D weights are F32, F16, BF16, Q8_0 or
+Q4_0 (blocks of 32 with one F16 scale: the peers of gptforge's fp32, bf16, int8 and int4 in
+benchmarks/vs_llamacpp.py). A matrix whose rows are not a multiple of 32 wide stays F16 under Q8_0/Q4_0,
+as llama.cpp's own converter does.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from ..config import Config
 from ..model import GPT, longrope_attention_factor, rope_inv_freq
 from .hf import hf_family
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+               "q4_0": "MOSTLY_Q4_0"}
 
 
 # gptforge family -> llama.cpp architecture, for the families beyond GPT-2 and Llama.
@@ -220,9 +225,13 @@ def _encode_tensor(name: str, tensor: torch.Tensor, outtype: str) -> tuple[np.nd
         return array, None
     if outtype == "f16":
         return array.astype(np.float16), None
-    if array.shape[-1] % 32:  # Q8_0 blocks are 32 wide; llama.cpp's converter falls back the same way
+    if outtype == "bf16":
+        kind = gguf.GGMLQuantizationType.BF16
+        return gguf.quants.quantize(array, kind), kind
+    if array.shape[-1] % 32:  # Q8_0/Q4_0 blocks are 32 wide; llama.cpp's converter falls back the same way
         return array.astype(np.float16), None
-    return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    kind = gguf.GGMLQuantizationType.Q8_0 if outtype == "q8_0" else gguf.GGMLQuantizationType.Q4_0
+    return gguf.quants.quantize(array, kind), kind
 
 
 def export_gguf(model: GPT, path: str | Path, tokenizer: Any, outtype: str = "f32") -> Path:
@@ -247,8 +256,7 @@ def export_gguf(model: GPT, path: str | Path, tokenizer: Any, outtype: str = "f3
         if not (arch == "phi3" and any(t not in tokens for t in _PHI3_NAMED_TOKENS)):
             # llama.cpp looks these tokens up when the name says Phi-3, and aborts if they are absent
             writer.add_name(c.name)
-        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+        writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[outtype]))
         writer.add_context_length(c.block_size)
         writer.add_embedding_length(c.n_embd)
         writer.add_block_count(c.n_layer)
@@ -322,7 +330,7 @@ def _write_family_metadata(writer: Any, c: Config, arch: str) -> None:
 
 
 def read_gguf_tensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Float arrays of a GGUF file, in PyTorch's (rows, cols) order (dequantizing Q8_0/F16)."""
+    """Float arrays of a GGUF file, in PyTorch's (rows, cols) order (dequantizing Q8_0/Q4_0/F16/BF16)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
