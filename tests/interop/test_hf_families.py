@@ -80,7 +80,9 @@ def test_round_trip_is_bit_identical(pair):
         assert torch.equal(tensor, again[name]), f"{case}: {name} changed"
     ids = torch.randint(0, VOCAB, (1, 30))
     with torch.no_grad():
-        assert torch.equal(load_model(path / "ours")(ids), ours(ids))
+        # Equal weights; the logits may differ in the last bits because an earlier generate() re-laid
+        # `ours`'s linears column-major for decoding (another summation order).
+        torch.testing.assert_close(load_model(path / "ours")(ids), ours(ids), rtol=0, atol=1e-5)
         assert (back(ids).logits - ours(ids)).abs().max().item() <= 1e-4
 
 
