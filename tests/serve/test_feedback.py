@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
+import threading
 import time
 
 import httpx
@@ -155,6 +157,28 @@ def test_responses_expire_and_disabled_feedback_says_so(start_server, tmp_path):
     off = start_server(ServerOptions(model_name=MODEL))
     r = httpx.post(f"{off.base}/v1/feedback", json={"prompt": "p", "completions": ["a"], "rating": 1})
     assert r.status_code == 404 and "--feedback-db" in r.json()["error"]["message"]
+
+
+def test_a_locked_database_stalls_neither_health_nor_generation(fb_server, client):
+    """Another process holds the SQLite write lock: feedback waits for it off the event loop, the rest answers."""
+    lock = sqlite3.connect(fb_server.db, timeout=1, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    result: dict = {}
+    body = {"prompt": "p", "completions": ["a"], "rating": 1}
+    waiting = threading.Thread(target=lambda: result.update(r=httpx.post(
+        f"{fb_server.base}/v1/feedback", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)))
+    try:
+        waiting.start()
+        time.sleep(0.3)
+        assert httpx.get(f"{fb_server.base}/health", timeout=10).status_code == 200
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert reply.choices and waiting.is_alive()  # served while the feedback still waits for the lock
+    finally:
+        lock.execute("COMMIT")
+        lock.close()
+    waiting.join(60)
+    assert result["r"].status_code == 200, result["r"].text
+    wait_kept(fb_server, reply.id)  # the response queued behind the lock was kept too
 
 
 # ---- from served answers to a better model -------------------------------------------------------------
