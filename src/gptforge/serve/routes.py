@@ -88,6 +88,16 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     return JSONResponse(await _endpoints(request).embeddings.create(body, request, _key_id(request)))
 
 
+@router.get("/v1/feedback", tags=["feedback"])
+async def feedback_settings(request: Request) -> Response:
+    """Whether feedback is on (the chat page shows its buttons then) and how long responses are kept."""
+    serving = request.app.state.server.feedback
+    if serving is None:
+        raise APIError(404, "feedback is not enabled on this server: start it with --feedback-db", code="not_enabled")
+    return JSONResponse({"object": "feedback.settings", "enabled": True,
+                         "retention_seconds": serving.store.retention_s})
+
+
 @router.post("/v1/feedback", response_model=FeedbackResponse, tags=["feedback"])
 async def feedback(body: FeedbackRequest, request: Request) -> Response:
     """A rating, a choice between two answers or a better answer (gptforge extension; docs/feedback.md)."""
