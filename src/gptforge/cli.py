@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "quantize": ("gptforge.commands.quantize", "Quantize weights to int8 or int4", False),
     "prune": ("gptforge.commands.prune", "Prune weights (magnitude, Wanda) or heads/channels (structured)", False),
     "export": ("gptforge.commands.export", "Export to Hugging Face or GGUF format", False),
+    "feedback": ("gptforge.commands.feedback", "Export the feedback the server stored to preference and SFT datasets", False),
     "explain": ("gptforge.commands.explain", "Per-token log-probabilities, surprisal and attention maps", False),
     "demo": ("gptforge.commands.demo", "Train a small code model on the Python standard library, offline", True),
 }

@@ -37,9 +37,10 @@ def is_openai_error(body: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
-def srv(start_server):
+def srv(start_server, tmp_path_factory):
     return start_server(ServerOptions(model_name=MODEL, api_keys=[KEY], max_batch=16, max_queue=64,
-                                      max_body_bytes=16 * 1024 * 1024, log_json=True))
+                                      max_body_bytes=16 * 1024 * 1024, log_json=True,
+                                      feedback_db=str(tmp_path_factory.mktemp("hostile") / "feedback.db")))
 
 
 def post(base: str, path: str, body, **kwargs) -> httpx.Response:
@@ -257,12 +258,17 @@ CHAT_FIELDS = ["messages", "max_tokens", "max_completion_tokens", "temperature",
 
 
 EMBEDDING_FIELDS = ["input", "dimensions", "encoding_format", "user"]
+FEEDBACK_FIELDS = ["id", "choice_index", "rating", "chosen_index", "rejected_index", "edited", "comment", "model",
+                   "messages", "prompt", "completions"]
+PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions", "embeddings": "/v1/embeddings",
+         "feedback": "/v1/feedback"}
 
 
 @pytest.mark.slow
 def test_fuzz_no_5xx_and_every_error_is_openai_shaped(srv):
     """Property: extreme numbers, unicode edge cases, nulls in every optional field, oversized values,
-    completions, chat and embeddings, streaming or not: never a 5xx, and every error (also inside a stream) has OpenAI's shape."""
+    completions, chat, embeddings and feedback, streaming or not: never a 5xx, and every error (also inside a stream)
+    has OpenAI's shape."""
     client = httpx.Client(base_url=srv.base, headers=AUTH, timeout=120)
 
     def check(path: str, body: dict) -> None:
@@ -278,9 +284,10 @@ def test_fuzz_no_5xx_and_every_error_is_openai_shaped(srv):
                     assert "error" not in event or is_openai_error(event), line[:300]
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(st.sampled_from(["completions", "chat", "embeddings"]), st.data())
+    @given(st.sampled_from(["completions", "chat", "embeddings", "feedback"]), st.data())
     def run(kind: str, data) -> None:
-        fields = {"completions": COMPLETION_FIELDS, "chat": CHAT_FIELDS, "embeddings": EMBEDDING_FIELDS}[kind]
+        fields = {"completions": COMPLETION_FIELDS, "chat": CHAT_FIELDS, "embeddings": EMBEDDING_FIELDS,
+                  "feedback": FEEDBACK_FIELDS}[kind]
         body = data.draw(st.dictionaries(st.sampled_from(fields), VALUE, max_size=6))
         nulls = data.draw(st.lists(st.sampled_from(fields), max_size=3))
         body.update({name: None for name in nulls})
@@ -289,12 +296,22 @@ def test_fuzz_no_5xx_and_every_error_is_openai_shaped(srv):
             body.setdefault("prompt", "Hello")
         elif kind == "chat":
             body.setdefault("messages", [{"role": "user", "content": "Hello"}])
+        elif kind == "feedback":
+            body.pop("model")
+            if data.draw(st.booleans()):  # about a kept response, or about given content
+                body.setdefault("id", responses[data.draw(st.integers(0, len(responses) - 1))])
+            else:
+                body.setdefault("prompt", "Hello")
+                body.setdefault("completions", ["Hi", "Go away"])
+            body.setdefault("rating", data.draw(st.sampled_from([1, -1, 0, 2, "up", True, None])))
         else:
             body.setdefault("input", "Hello")
         if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 16:
             body["max_tokens"] = 16  # keep generation short; huge values are drawn elsewhere too
-        check({"completions": "/v1/completions", "chat": "/v1/chat/completions", "embeddings": "/v1/embeddings"}[kind],
-              body)
+        check(PATHS[kind], body)
 
+    responses = [client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                         "n": 2, "max_tokens": 3}).json()["id"],
+                 client.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "max_tokens": 3}).json()["id"]]
     run()
     client.close()

@@ -1,7 +1,7 @@
 """`gptforge finetune`: full or LoRA fine-tuning on instruction, chat or task data; several files = multi-task.
 
     gptforge finetune --model runs/base/model --data train.jsonl [--config configs/finetune-lora.yaml] \
-        [--out runs/ft] [--method lora] [--merge] [--resume] [--train.lr=1e-4 --lora.r=16 ...]
+        [--out runs/ft] [--method lora] [--objective dpo] [--merge] [--resume] [--train.lr=1e-4 --lora.r=16 ...]
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="recipe YAML (configs/finetune-*.yaml)")
     parser.add_argument("--out", default=None, help="run folder (overrides the recipe's 'out_dir')")
     parser.add_argument("--method", choices=("full", "lora"), default=None, help="full fine-tuning or LoRA adapters")
+    parser.add_argument("--objective", choices=("sft", "dpo", "orpo"), default=None,
+                        help="sft: learn the targets (default); dpo / orpo: preference tuning on prompt/chosen/rejected "
+                             "pairs (e.g. from `gptforge feedback export`)")
     parser.add_argument("--merge", action="store_true", help="LoRA: also write <out>/merged, a plain merged model")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
 
@@ -27,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     files = [f.strip() for f in args.data.split(",") if f.strip()] if args.data else None
     recipe = load_recipe(args.config, getattr(args, "overrides", []), model=args.model, data_files=files,
-                         out_dir=args.out, method=args.method)
+                         out_dir=args.out, method=args.method, objective=args.objective)
     if args.merge:
         recipe.merge = True
     result = finetune(recipe, resume=args.resume)
@@ -37,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"best checkpoint: {result.best_dir}")
     if result.merged_dir:
         print(f"merged model: {result.merged_dir}")
+    if recipe.objective != "sft":
+        _print_preference(result)
     for name, value in sorted(result.val.items()):
         print(f"  {name:<32} {value:.4f}")
     for task, entry in result.test.items():
@@ -46,3 +51,13 @@ def run(args: argparse.Namespace) -> int:
                     print(f"  {task}/{split}/{metric:<20} {value:.4f}")
     print(f"report: {result.out_dir / 'eval.json'}")
     return 0
+
+
+def _print_preference(result) -> None:
+    """How the held-out pairs moved, as sentences."""
+    before, after = result.before, result.val
+    if "val_reward_accuracy" in after:
+        print(f"on the held-out pairs, the chosen answer now out-scores the rejected one in "
+              f"{after['val_reward_accuracy']:.0%} of pairs (before: {before.get('val_reward_accuracy', 0.0):.0%}); "
+              f"mean reward margin {after['val_reward_margin']:+.4f} (before: {before.get('val_reward_margin', 0.0):+.4f})")
+    print(f"reward margin curve: {result.out_dir / 'reward_margin.png'}")

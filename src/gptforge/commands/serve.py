@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores but one, kept for the HTTP event loop)")
     parser.add_argument("--embedding-pooling", default="last", choices=["last", "mean"],
                         help="how /v1/embeddings pools the final norm's output: the last token (default) or the mean")
+    parser.add_argument("--feedback-db", default=None, metavar="FILE|URL",
+                        help="where POST /v1/feedback and the chat page's ratings go: a SQLite file, sqlite:///FILE or "
+                             "postgresql://USER@HOST/DB (default: feedback.db beside the model folder; 'off' disables)")
+    parser.add_argument("--feedback-retention", type=float, default=86_400.0, metavar="SECONDS",
+                        help="how long responses are kept so that feedback can refer to them by id (default 1 day)")
     parser.add_argument("--graceful-timeout", type=float, default=30.0,
                         help="seconds to let in-flight requests finish on SIGTERM")
 
@@ -58,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
                         ("--port", args.port)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not args.feedback_retention > 0:
+        raise ValueError(f"--feedback-retention must be a positive number of seconds, got {args.feedback_retention}")
     # Leave one core to the HTTP event loop: OpenMP workers spin between matmuls, and an event loop
     # starved of a core streams tokens many times slower (measured: 20x on a busy 2-core host).
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
@@ -67,10 +74,12 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_concurrency, max_queue=args.max_queue, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, requests_per_minute=args.rate_limit_rpm,
         tokens_per_minute=args.rate_limit_tpm, redact_pii=args.redact_pii, moderation=args.moderation,
-        embedding_pooling=args.embedding_pooling)
+        embedding_pooling=args.embedding_pooling, feedback_db=_feedback_db(args, model_dir),
+        feedback_retention=args.feedback_retention)
     app = create_app(load_model_dir(model_dir, args.dtype), options)
     print(f"gptforge serve: {options.model_name} on http://{args.host}:{args.port} "
-          f"({'API keys required' if options.api_keys else 'no API keys configured'})", flush=True)
+          f"({'API keys required' if options.api_keys else 'no API keys configured'}; feedback "
+          f"{'to ' + app.state.server.feedback.store.name if app.state.server.feedback else 'off'})", flush=True)
     run_server(app, args.host, args.port, graceful_timeout=args.graceful_timeout)
     return 0
 
@@ -85,3 +94,15 @@ def served_name(model_dir: Path) -> str:
     if path.name in RUN_MODEL_FOLDERS and path.parent.name:
         return path.parent.name if path.name == "model" else f"{path.parent.name}-{path.name}"
     return path.name
+
+
+def _feedback_db(args: argparse.Namespace, model_dir: Path) -> str | None:
+    """--feedback-db, or feedback.db beside the model folder when that place is writable (else feedback is off)."""
+    if args.feedback_db is not None:
+        return None if args.feedback_db.strip().lower() in ("off", "none", "") else args.feedback_db
+    default = model_dir.resolve().parent / "feedback.db"
+    if os.access(default if default.exists() else default.parent, os.W_OK):
+        return str(default)
+    print(f"gptforge serve: {default.parent} is not writable, so feedback is off (give --feedback-db FILE|URL)",
+          flush=True)
+    return None

@@ -59,6 +59,9 @@ def detect_format(record: Record) -> str:
         return task
     if "text" in keys:
         return "text"
+    if {"chosen", "rejected"} <= keys:
+        raise DataError(f"{record.where()}: this is preference data (chosen/rejected pairs); train on it with "
+                        "objective dpo or orpo (gptforge finetune --objective dpo)")
     raise DataError(f"{record.where()}: cannot tell the data format from fields {sorted(keys)}; expected "
                     "'text', 'prompt'+'completion', 'instruction'+'output', 'messages', or a task format "
                     "(text+label, source+target, document+summary, context+question+answer, prefix+completion)")

@@ -14,11 +14,12 @@ models only attention is a target: PEFT maps MLP target names of such a model on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -86,9 +87,12 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default: same as nn.Linear
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapter_enabled = True  # False: the base layer alone (preference tuning's reference model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = nn.functional.linear(x, self.weight, self.bias)
+        if not self.adapter_enabled:
+            return result
         update = nn.functional.linear(nn.functional.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return result + update * self.scaling
 
@@ -108,6 +112,19 @@ class LoRALinear(nn.Linear):
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """The model's LoRA layers by qualified name (e.g. 'blocks.0.attn.qkv')."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes as its base model (every LoRA update switched off)."""
+    layers = list(lora_modules(model).values())
+    for layer in layers:
+        layer.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.adapter_enabled = True
 
 
 def _target_of(name: str) -> Optional[str]:

@@ -3,6 +3,8 @@
     model: runs/stdlib/model          # a gptforge / Hugging Face model folder
     out_dir: runs/docstrings
     method: lora                      # full | lora
+    objective: sft                    # sft | dpo | orpo (preference pairs: prompt, chosen, rejected)
+    preference: {beta: 0.1, loss: sigmoid, label_smoothing: 0.0}   # dpo / orpo settings
     head: lm                          # lm (verbalizer: the label is generated) | classification (linear head)
     tasks:                            # one or more datasets; several make a multi-task run
       - {name: sorted, data: train.jsonl, val_data: val.jsonl, format: classification, labels: [yes, no]}
@@ -26,9 +28,10 @@ from ..data.augment import AugmentConfig
 from ..data.sft import BASIC_FORMATS
 from ..data.templates import TASK_FIELDS
 from .lora import LoRAConfig
+from .preference import OBJECTIVES, PreferenceSettings
 
 _TASK_OVERRIDE = re.compile(r"^tasks\.(\d+)\.(.+=.*)$", re.S)  # --tasks.0.metric=rougeL
-FORMATS = ("auto",) + BASIC_FORMATS + tuple(TASK_FIELDS)
+FORMATS = ("auto",) + BASIC_FORMATS + tuple(TASK_FIELDS) + ("preference",)
 METRICS = ("auto", "none", "accuracy", "exact_match", "f1", "bleu", "chrf", "rouge1", "rouge2", "rougeL")
 
 
@@ -100,6 +103,7 @@ class FinetuneRecipe:
     model: str = ""
     out_dir: str = "runs/finetune"
     method: Literal["full", "lora"] = "full"  # train every weight, or LoRA adapters only
+    objective: Literal["sft", "dpo", "orpo"] = "sft"  # sft (targets) | dpo | orpo (preference pairs; finetune/preference.py)
     head: Literal["lm", "classification"] = "lm"  # lm: the label is generated; classification: a linear head
     merge: bool = False  # LoRA: also write merged/ (a plain model with the adapter folded in)
     dropout: Optional[float] = None
@@ -107,6 +111,7 @@ class FinetuneRecipe:
     tasks: list[TaskRecipe] = field(default_factory=list)
     data: DataSettings = field(default_factory=DataSettings)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    preference: PreferenceSettings = field(default_factory=PreferenceSettings)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: Any = None  # gptforge.train.loop.TrainConfig
 
@@ -134,11 +139,34 @@ class FinetuneRecipe:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ConfigError(f"recipe field {name!r} must be in [0, 1), got {value!r}")
+        self._validate_objective()
         self.data.validate()
         if self.method == "lora":
             self.lora.validate()
         self.augment.validate()
         self.train.validate()
+
+
+    def _validate_objective(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"recipe field 'objective' must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "sft":
+            if any(t.format == "preference" for t in self.tasks):
+                raise ConfigError("format: preference (prompt/chosen/rejected pairs) needs objective: dpo or orpo")
+            return
+        where = f"objective: {self.objective}"
+        if len(self.tasks) != 1:
+            raise ConfigError(f"{where} trains on one preference dataset; the recipe has {len(self.tasks)} tasks")
+        if self.tasks[0].format not in ("auto", "preference"):
+            raise ConfigError(f"{where} reads prompt/chosen/rejected pairs; tasks[0].format is "
+                              f"{self.tasks[0].format!r} (use auto or preference)")
+        if self.head != "lm":
+            raise ConfigError(f"{where} needs head: lm")
+        if self.data.packing:
+            raise ConfigError(f"{where} cannot pack rows (each row is one answer); set data.packing: false")
+        if self.augment.active:
+            raise ConfigError(f"{where} does not augment pairs; remove the augment section")
+        self.preference.validate(self.objective)
 
 
 def recipe_from_dict(data: dict[str, Any], source: str | ConfigSource = "recipe") -> FinetuneRecipe:
@@ -155,7 +183,7 @@ def recipe_from_dict(data: dict[str, Any], source: str | ConfigSource = "recipe"
         task = dataclass_from_dict(TaskRecipe, raw, source, f"tasks[{i}].")
         task.name = task.name or Path(str(task.data)).stem or f"task{i}"
         tasks.append(task)
-    sections = {"data": DataSettings, "lora": LoRAConfig, "augment": AugmentConfig, "train": TrainConfig}
+    sections = {"data": DataSettings, "lora": LoRAConfig, "preference": PreferenceSettings, "augment": AugmentConfig, "train": TrainConfig}
     built = {name: dataclass_from_dict(cls, data.pop(name, None) or {}, source, f"{name}.")
              for name, cls in sections.items()}
     recipe = dataclass_from_dict(FinetuneRecipe, {**data, "tasks": tasks, **built}, source)
@@ -168,11 +196,13 @@ def recipe_from_dict(data: dict[str, Any], source: str | ConfigSource = "recipe"
 
 def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = (), *,
                 model: Optional[str] = None, data_files: Optional[Sequence[str]] = None,
-                out_dir: Optional[str] = None, method: Optional[str] = None) -> FinetuneRecipe:
+                out_dir: Optional[str] = None, method: Optional[str] = None,
+                objective: Optional[str] = None) -> FinetuneRecipe:
     """A recipe from YAML (optional), command-line values and `section.key=value` overrides."""
     raw: dict[str, Any] = load_yaml(path) if path else {}
     source = ConfigSource(str(path) if path else "finetune")
-    flags = (("model", model, "--model"), ("out_dir", out_dir, "--out"), ("method", method, "--method"))
+    flags = (("model", model, "--model"), ("out_dir", out_dir, "--out"), ("method", method, "--method"),
+             ("objective", objective, "--objective"))
     for name, value, flag in flags:
         if value:
             raw[name] = value

@@ -43,6 +43,7 @@ class FinetuneResult:
     val: dict[str, float] = field(default_factory=dict)  # last validation metrics
     test: dict[str, Any] = field(default_factory=dict)  # per task: test metrics and baseline
     train_result: Any = None
+    before: dict[str, float] = field(default_factory=dict)  # preference tuning: held-out metrics before training
 
 
 # ---- tasks -------------------------------------------------------------------------------------------
@@ -148,6 +149,8 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False) -> FinetuneResult:
     body, tokenizer = load(recipe.model)
     if tokenizer is None:
         raise ConfigError(f"{recipe.model}: the model folder has no tokenizer.json; fine-tuning needs its tokenizer")
+    if recipe.objective != "sft":
+        return _finetune_preference(recipe, body, tokenizer, resume)
     classification = recipe.head == "classification"
     tasks = [build_task(spec, tokenizer, seed=recipe.data.seed, classification_head=classification)
              for spec in recipe.tasks]
@@ -209,6 +212,75 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False) -> FinetuneResult:
     return FinetuneResult(out_dir=out_dir, model_dir=result.model_dir, best_dir=best_dir, merged_dir=merged_dir,
                           steps=result.steps, stopped_early=result.stopped_early, val=result.metrics,
                           test=report["tasks"], train_result=result)
+
+
+def _finetune_preference(recipe: FinetuneRecipe, body: GPT, tokenizer: Tokenizer, resume: bool) -> FinetuneResult:
+    """DPO / ORPO on prompt/chosen/rejected pairs (see finetune/preference.py); eval.json has before and after."""
+    from ..data.preference import encode_pair, is_chat_record
+    from ..train.loop import train
+    from .preference import PairSource, PreferenceEvaluator, PreferenceObjective, ReferenceModel, plot_reward_margin
+
+    spec = recipe.tasks[0]
+    records = read_records(spec.data)
+    if spec.val_data:
+        train_records, val_records = records, read_records(spec.val_data)
+    else:
+        train_records, val_records = _split_records(records, spec.val_fraction, recipe.data.seed)
+    if not train_records:
+        raise DataError(f"{spec.data}: no training pairs left after holding out validation pairs")
+    if any(is_chat_record(r) for r in records) and not tokenizer.chat_template:
+        from ..tokenizer import CHATML_TEMPLATE
+
+        tokenizer.chat_template = CHATML_TEMPLATE  # as for chat SFT: the saved model says it follows turns
+    max_len = min(recipe.data.max_len, body.config.block_size)
+    for record in train_records + val_records:
+        encode_pair(record, tokenizer, max_len)  # DataError naming file, line and field, before training
+    set_dropout(body, recipe.dropout, recipe.attn_dropout)
+    if recipe.method == "lora":
+        apply_lora(body, recipe.lora)
+    # The reference is the starting model (a resumed run reloads it from recipe.model, never a checkpoint).
+    reference = ReferenceModel(body) if recipe.objective == "dpo" else None
+    objective = PreferenceObjective(recipe.objective, recipe.preference, reference)
+    source = PairSource(train_records, tokenizer, batch_size=recipe.data.batch_size, max_len=max_len,
+                        seed=recipe.data.seed)
+    evaluator = PreferenceEvaluator(val_records, tokenizer, objective, max_len=max_len,
+                                    batch_size=recipe.data.eval_batch_size) if val_records else None
+    before = _evaluate_now(body, evaluator)
+    log.info("%s on %s (%s): %d train pairs, %d held-out pairs, beta %g", recipe.objective, recipe.model,
+             recipe.method, len(train_records), len(val_records), recipe.preference.beta)
+    out_dir = Path(recipe.out_dir)
+    result = train(body, recipe.train, source, out_dir, evaluate=evaluator, save_model=_saver(recipe, tokenizer),
+                   resume=resume, run_config=_jsonable(recipe), objective=objective)
+    plot_reward_margin(out_dir / "metrics.jsonl", out_dir / "reward_margin.png",
+                       title=f"{out_dir.name}: {recipe.objective} reward margin")
+    best_dir = result.best_dir if result.best_dir and Path(result.best_dir).is_dir() else None
+    report: dict[str, Any] = {"objective": recipe.objective, "steps": result.steps,
+                              "stopped_early": result.stopped_early, "best_step": result.best_step,
+                              "best_metric": result.best_metric, "train_pairs": len(train_records),
+                              "val_pairs": len(val_records), "before": before, "val": result.metrics,
+                              "reward_margin_png": str(out_dir / "reward_margin.png"), "tasks": {}}
+    merged_dir = None
+    if recipe.merge and recipe.method == "lora":
+        merged_dir = out_dir / "merged"
+        merge_lora(body)
+        _saver(dataclasses.replace(recipe, method="full"), tokenizer)(body, merged_dir)
+        report["merged_dir"] = str(merged_dir)
+    atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2))
+    return FinetuneResult(out_dir=out_dir, model_dir=result.model_dir, best_dir=best_dir, merged_dir=merged_dir,
+                          steps=result.steps, stopped_early=result.stopped_early, val=result.metrics, test={},
+                          train_result=result, before=before)
+
+
+def _evaluate_now(model: nn.Module, evaluator: Optional[Callable[[nn.Module], dict[str, float]]]) -> dict[str, float]:
+    """The evaluator's metrics for the model as it is now (eval mode, no grad)."""
+    if evaluator is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluator(model)
+    model.train(was_training)
+    return metrics
 
 
 def _jsonable(recipe: FinetuneRecipe) -> dict[str, Any]:

@@ -50,6 +50,8 @@ class ServerOptions:
     moderation: Optional[str] = None  # a gptforge.safety policy YAML for prompts and outputs
     embedding_pooling: str = "last"  # last | mean (serving_embeddings.py says why "last")
     log_json: bool = True
+    feedback_db: Optional[str] = None  # a SQLite file or database URL for POST /v1/feedback (None: off)
+    feedback_retention: float = 86_400.0  # seconds a response is kept so that feedback can name its id
 
 
 class ServerState:
@@ -62,6 +64,7 @@ class ServerState:
         self.rate_limiter = RateLimiter(options.requests_per_minute, options.tokens_per_minute)
         # Built before the model loads, so a bad policy file fails `gptforge serve` at once.
         self.moderator = load_moderator(options.moderation, registry=self.metrics.registry)
+        self.feedback = _open_feedback(options)  # also before the model: a bad database fails at once
         self.static_dir = STATIC_DIR
         self.engine = None
         self.endpoints: Optional[Endpoints] = None
@@ -249,6 +252,8 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
             engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
                             request_timeout=options.request_timeout, metrics=state.metrics)
             state.engine = engine
+            if state.feedback is not None:
+                state.feedback.tokenizer = tokenizer
             # Built once here (about a second for a 50k vocabulary), not by the first structured request.
             grammars = GrammarEngine(tokenizer, engine.vocab_size, engine.stop_ids)
             common = dict(redact_content=options.redact_pii == "content", rate_limiter=state.rate_limiter,
@@ -277,6 +282,8 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
         # uvicorn has already let in-flight requests finish; now stop the engine thread.
         if state.engine is not None:
             state.engine.shutdown()
+        if state.feedback is not None:
+            state.feedback.close()
         log.info("server stopped")
 
     app = FastAPI(title="gptforge", version=_version(), lifespan=lifespan,
@@ -296,6 +303,17 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
 
     app.add_middleware(GatewayMiddleware, state=state, route_paths=route_paths)
     return app
+
+
+def _open_feedback(options: ServerOptions) -> Any:
+    """The feedback route's serving object over the configured database, or None when feedback is off."""
+    if not options.feedback_db:
+        return None
+    from ..feedback.store import FeedbackStore
+    from .serving_feedback import FeedbackServing
+
+    store = FeedbackStore.open(options.feedback_db, retention_s=options.feedback_retention)
+    return FeedbackServing(store, options.model_name, mask=options.redact_pii != "off")
 
 
 def _version() -> str:

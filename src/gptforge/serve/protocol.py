@@ -380,3 +380,38 @@ class TokenizerInfo(BaseModel):
 def to_jsonable(model: BaseModel) -> dict[str, Any]:
     """Response model -> dict (None kept: OpenAI clients expect e.g. `logprobs: null`)."""
     return model.model_dump(mode="json")
+
+
+# ---- POST /v1/feedback (a gptforge extension; see serving_feedback.py) ---------------------------------
+
+MAX_FEEDBACK_TEXT = 100_000  # characters of an edited answer or a supplied completion
+
+
+class FeedbackRequest(BaseModel):
+    """A rating of an answer, a choice between two answers and/or a better answer, about a response (`id`)
+    the server generated recently, or about content given here (`messages` or `prompt`, and `completions`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: Optional[Annotated[Text, Field(min_length=1, max_length=128)]] = None  # the response's id
+    choice_index: int = Field(0, ge=0, le=1023)  # the answer rated or edited
+    rating: Optional[Literal[-1, 1]] = None  # 1 thumbs up, -1 thumbs down
+    chosen_index: Optional[int] = Field(None, ge=0, le=1023)  # the better of the choices...
+    rejected_index: Optional[int] = Field(None, ge=0, le=1023)  # ...and the worse (default: the other of two)
+    edited: Optional[Annotated[Text, Field(min_length=1, max_length=MAX_FEEDBACK_TEXT)]] = None  # a better answer
+    comment: Optional[Annotated[Text, Field(max_length=4000)]] = None
+    # Without an id: the content the feedback is about.
+    model: Optional[Text] = None
+    messages: Optional[Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]] = None
+    prompt: Optional[Annotated[Text, Field(max_length=MAX_FEEDBACK_TEXT)]] = None
+    completions: Optional[Annotated[list[Annotated[Text, Field(max_length=MAX_FEEDBACK_TEXT)]],
+                                    Field(min_length=1, max_length=16)]] = None
+
+
+class FeedbackResponse(BaseModel):
+    id: str
+    object: Literal["feedback"] = "feedback"
+    created: int
+    response_id: Optional[str] = None
+    model: str
+    kinds: list[Literal["rating", "comparison", "edit"]]

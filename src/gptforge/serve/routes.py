@@ -9,8 +9,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 
 from .errors import APIError
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                       DetokenizeRequest, DetokenizeResponse, EmbeddingRequest, EmbeddingResponse, ModelList,
-                       TokenizeRequest, TokenizeResponse, TokenizerInfo)
+                       DetokenizeRequest, DetokenizeResponse, EmbeddingRequest, EmbeddingResponse, FeedbackRequest,
+                       FeedbackResponse, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo)
 
 router = APIRouter()
 
@@ -26,6 +26,14 @@ def _endpoints(request: Request) -> Any:
 
 def _key_id(request: Request) -> str:
     return getattr(request.state, "key_id", None) or "anonymous"
+
+
+def _remember(request: Request, endpoint: str, body: Any, result: Any) -> Any:
+    """With feedback on, the response is kept (by id) for later feedback; returns `result` (a stream wrapped)."""
+    feedback = request.app.state.server.feedback
+    if feedback is None:
+        return result
+    return feedback.remember(endpoint, body, result, getattr(request.state, "request_id", None), _key_id(request))
 
 
 def _reply(result: Any) -> Response:
@@ -63,19 +71,40 @@ async def get_model(model_id: str, request: Request) -> Response:
 @router.post("/v1/completions", response_model=CompletionResponse, tags=["openai"])
 async def completions(body: CompletionRequest, request: Request) -> Response:
     request.state.user = body.user
-    return _reply(await _endpoints(request).completions.create(body, request, _key_id(request)))
+    result = await _endpoints(request).completions.create(body, request, _key_id(request))
+    return _reply(_remember(request, "completions", body, result))
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["openai"])
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     request.state.user = body.user
-    return _reply(await _endpoints(request).chat.create(body, request, _key_id(request)))
+    result = await _endpoints(request).chat.create(body, request, _key_id(request))
+    return _reply(_remember(request, "chat", body, result))
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, tags=["openai"])
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     request.state.user = body.user
     return JSONResponse(await _endpoints(request).embeddings.create(body, request, _key_id(request)))
+
+
+@router.get("/v1/feedback", tags=["feedback"])
+async def feedback_settings(request: Request) -> Response:
+    """Whether feedback is on (the chat page shows its buttons then) and how long responses are kept."""
+    serving = request.app.state.server.feedback
+    if serving is None:
+        raise APIError(404, "feedback is not enabled on this server: start it with --feedback-db", code="not_enabled")
+    return JSONResponse({"object": "feedback.settings", "enabled": True,
+                         "retention_seconds": serving.store.retention_s})
+
+
+@router.post("/v1/feedback", response_model=FeedbackResponse, tags=["feedback"])
+async def feedback(body: FeedbackRequest, request: Request) -> Response:
+    """A rating, a choice between two answers or a better answer (gptforge extension; docs/feedback.md)."""
+    serving = request.app.state.server.feedback
+    if serving is None:
+        raise APIError(404, "feedback is not enabled on this server: start it with --feedback-db", code="not_enabled")
+    return JSONResponse(await serving.create(body, _key_id(request), getattr(request.state, "request_id", None)))
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, tags=["tokenizer"])

@@ -12,6 +12,11 @@ Public API (stable; fine-tuning builds on it):
 Labels are already shifted: labels[:, t] is the target for input_ids[:, t]. Under torchrun each rank
 owns its own source (the source decides which samples a rank sees).
 
+`objective` turns a micro-batch into a loss; the default, `TokenCrossEntropy`, is the mean cross-entropy
+per target token over the whole step. Another objective (e.g. preference tuning's, whose batches hold
+chosen/rejected pairs) gives a batch source of its own batch type (a tensor, or a tuple or dict of
+tensors) and reports extra metrics, averaged like the loss and logged in each step record.
+
 `evaluate(model) -> dict[str, float]` runs on every rank with the bare model in eval mode, under
 `torch.no_grad()` and the training autocast; early stopping watches `cfg.early_stopping_metric`.
 `save_model(model, directory)` writes a model folder (default: `gptforge.loading.save(directory, model)`,
@@ -75,11 +80,60 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 class BatchSource(Protocol):
     """What `train` pulls micro-batches from."""
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def next_batch(self) -> Any: ...  # (input_ids, labels) for the default objective
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Objective(Protocol):
+    """How `train_step` turns micro-batches into a loss: the step minimizes sum(loss) / sum(count)."""
+
+    def count(self, batch: Any) -> int:
+        """The units (target tokens, pairs...) that the batch's summed loss covers."""
+        ...
+
+    def shape(self, batch: Any) -> tuple[int, int]:
+        """(input tokens, sequence length) of the batch, for throughput and MFU."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Any,
+             autocast: Callable[[], contextlib.AbstractContextManager]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(summed loss, summed extra metrics) of one micro-batch; the forward runs under `autocast()`."""
+        ...
+
+
+class TokenCrossEntropy:
+    """The default objective: next-token cross-entropy summed over the labels that are not -100."""
+
+    def count(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        """Target tokens of the batch."""
+        return int((batch[1] != IGNORE_INDEX).sum())
+
+    def shape(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
+        """(input tokens, sequence length)."""
+        return batch[0].numel(), batch[0].shape[1]
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+             autocast: Callable[[], contextlib.AbstractContextManager]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Summed token cross-entropy (in fp32, outside autocast); no extra metrics."""
+        x, y = batch
+        with autocast():
+            logits = model(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum"), {}
+
+
+def batch_to(batch: Any, device: torch.device) -> Any:
+    """A batch (a tensor, or a tuple/list/dict of them) moved to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: batch_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(batch_to(v, device) for v in batch)
+    return batch
 
 
 @dataclass
@@ -180,11 +234,12 @@ class TrainResult:
 class StepOutput:
     """What one optimizer step measured (global over ranks)."""
 
-    loss: float  # mean loss per target token
+    loss: float  # mean loss per target token (per the objective's unit)
     grad_norm: float  # before clipping (nan when clipping is off)
     tokens: int  # input tokens of the step
     seq_len: int
     stop_votes: float  # ranks that asked to stop (reduced together with the loss)
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's extra metrics, per unit
 
 
 class _StopFlag:
@@ -254,10 +309,11 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, source: BatchSource, run_dir: Path, *,
                  evaluate: Optional[Callable[[nn.Module], dict[str, float]]],
                  save_model: Callable[[nn.Module, Path], None], resume: bool,
-                 run_config: Optional[dict[str, Any]]) -> None:
+                 run_config: Optional[dict[str, Any]], objective: Optional[Objective] = None) -> None:
         self.clock = time.perf_counter()  # the budget counts setup too
         cfg.validate()
         self.cfg, self.source, self.run_dir = cfg, source, run_dir
+        self.objective: Objective = objective if objective is not None else TokenCrossEntropy()
         self.evaluate_fn, self.save_model = evaluate, save_model
         self.info = info = D.init_distributed(cfg.device)
         start = self._resume_point(resume)
@@ -329,13 +385,13 @@ class Trainer:
                           progress=state.progress, checkpoint_bytes=checkpoint_bytes, last_eval_s=state.last_eval_s,
                           origin=state.start_s, started=self.clock)
 
-    def _derive_accumulation(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _derive_accumulation(self) -> list[Any]:
         """Fix micro-batches per step from train.batch_tokens and the first batch's shape (kept for step 1)."""
         cfg, info, state = self.cfg, self.info, self.state
         if state.grad_accum_steps > 0:
             return []
         first = self.source.next_batch()
-        per_micro = first[0].numel() * info.world_size
+        per_micro = self.objective.shape(first)[0] * info.world_size
         accum = max(1, round(cfg.batch_tokens / per_micro)) if cfg.batch_tokens else 1
         if cfg.batch_tokens and accum * per_micro != cfg.batch_tokens and info.is_main:
             log.warning("train.batch_tokens=%d is not a multiple of %d tokens per micro-step; using %d "
@@ -363,44 +419,48 @@ class Trainer:
 
     # ---- the parts ---------------------------------------------------------------------------------
 
-    def next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def next_batches(self) -> list[Any]:
         """This rank's micro-batches for one step, on the device."""
         batches = self.pending + [self.source.next_batch()
                                   for _ in range(self.state.grad_accum_steps - len(self.pending))]
         self.pending = []
-        return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in batches]
+        return [batch_to(b, self.device) for b in batches]
 
-    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], stop_requested: bool = False) -> StepOutput:
-        """One optimizer step over `batches`: gradients of the summed token losses over the global token count."""
-        info = self.info
-        local_count = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+    def train_step(self, batches: list[Any], stop_requested: bool = False) -> StepOutput:
+        """One optimizer step over `batches`: gradients of the summed losses over the global unit count."""
+        info, objective = self.info, self.objective
+        local_count = sum(objective.count(b) for b in batches)
         global_count = D.all_reduce_sum([float(local_count)], info)[0]
         # Sum-of-token-losses over the global count: equal to one process with more accumulation,
         # also when batches carry different numbers of ignored (-100) labels.
         scale = info.world_size / max(global_count, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, (x, y) in enumerate(batches):
+        metric_sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
             # DDP all-reduces gradients on the last micro-batch only.
             sync = self.ddp is None or i == len(batches) - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                with self.autocast():
-                    logits = self.model_for_step(x)
-                token_loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
-                (token_loss * scale).backward()
-            loss_sum += token_loss.detach().double()
+                unit_loss, metrics = objective.loss(self.model_for_step, batch, self.autocast)
+                (unit_loss * scale).backward()
+            loss_sum += unit_loss.detach().double()
+            for name, value in metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + value.detach().double()
         grad_norm = float("nan")
         if self.cfg.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        step_tokens = int(D.all_reduce_sum([float(sum(x.numel() for x, _ in batches))], info)[0])
-        total, stop_votes = D.all_reduce_sum([float(loss_sum), float(stop_requested)], info)
+        shapes = [objective.shape(b) for b in batches]
+        step_tokens = int(D.all_reduce_sum([float(sum(n for n, _ in shapes))], info)[0])
+        names = sorted(metric_sums)
+        total, stop_votes, *values = D.all_reduce_sum(
+            [float(loss_sum), float(stop_requested)] + [float(metric_sums[k]) for k in names], info)
         loss = total / max(global_count, 1.0)
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} at step {self.state.step + 1}; lower train.lr or "
                                      "check the data")
-        return StepOutput(loss, grad_norm, step_tokens, batches[0][0].shape[1], stop_votes)
+        metrics = {k: v / max(global_count, 1.0) for k, v in zip(names, values)}
+        return StepOutput(loss, grad_norm, step_tokens, shapes[0][1], stop_votes, metrics)
 
     def plan_step(self) -> tuple[float, bool]:
         """Set the coming step's learning rate; returns it and whether this step is the run's last."""
@@ -524,6 +584,7 @@ class Trainer:
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             record = {"step": state.step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
                       "tokens": state.tokens, "tokens_per_s": tps, "elapsed_s": self.elapsed()}
+            record.update(out.metrics)
             if mfu is not None:
                 record["mfu"] = mfu
             if self.budget is not None:
@@ -596,16 +657,19 @@ class Trainer:
 def train(model: nn.Module, cfg: TrainConfig, train_source: BatchSource, out_dir: str | Path, *,
           evaluate: Optional[Callable[[nn.Module], dict[str, float]]] = None,
           save_model: Optional[Callable[[nn.Module, Path], None]] = None,
-          resume: bool = False, run_config: Optional[dict[str, Any]] = None) -> TrainResult:
+          resume: bool = False, run_config: Optional[dict[str, Any]] = None,
+          objective: Optional[Objective] = None) -> TrainResult:
     """Train `model` on batches from `train_source`, writing metrics, checkpoints and models to `out_dir`.
 
     Returns a `TrainResult`. See the module docstring for the batch-source protocol, the run folder
-    layout and the resume guarantee. `run_config` (e.g. the recipe) is stored in each checkpoint.
+    layout and the resume guarantee. `run_config` (e.g. the recipe) is stored in each checkpoint;
+    `objective` computes the loss (default: `TokenCrossEntropy`).
     """
     trainer = Trainer(model, cfg, train_source, Path(out_dir), evaluate=evaluate,
-                      save_model=save_model or _default_save_model, resume=resume, run_config=run_config)
+                      save_model=save_model or _default_save_model, resume=resume, run_config=run_config,
+                      objective=objective)
     return trainer.run()
 
 
-__all__ = ["TrainConfig", "TrainResult", "BatchSource", "Trainer", "TrainState", "train", "latest_checkpoint",
-           "IGNORE_INDEX"]
+__all__ = ["TrainConfig", "TrainResult", "BatchSource", "Objective", "TokenCrossEntropy", "Trainer", "TrainState",
+           "train", "latest_checkpoint", "batch_to", "IGNORE_INDEX"]
