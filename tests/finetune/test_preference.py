@@ -224,7 +224,8 @@ def test_lora_reference_is_the_base_model(tokenizer):
 def test_dpo_run_resumes_exactly(base_model, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", arithmetic_pairs(24, 0))
     common = {"model": str(base_model), "objective": "dpo", "tasks": [{"data": data, "val_fraction": 0.25}],
-              "data": {"batch_size": 4, "max_len": 16}, "train": {"lr": 3e-3, "progress": False, "max_steps": 6}}
+              "data": {"batch_size": 4, "max_len": 16}, "train": {"lr": 3e-3, "progress": False, "max_steps": 6, "schedule": "constant"}}
+    # constant lr: the first part's shorter max_steps does not change the schedule the steps see
     straight = finetune(recipe_from_dict({**common, "out_dir": str(tmp_path / "a")}))
     first = recipe_from_dict({**common, "out_dir": str(tmp_path / "b"),
                               "train": {**common["train"], "max_steps": 3}})
