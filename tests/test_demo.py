@@ -8,7 +8,7 @@ import pytest
 
 from gptforge import GPT
 from gptforge.cli import main
-from gptforge.demo import default_recipe_path, plan_steps, unigram_log_probs
+from gptforge.demo import BASE_MODEL_NOTE, default_recipe_path, plan_steps, unigram_log_probs
 
 # The shipped recipe, shrunk: a slice of the stdlib, a 2-layer model, a fixed number of steps.
 TINY = ["--steps", "60", "--minutes", "5", "--no-progress", "--max-new-tokens", "12",
@@ -50,6 +50,16 @@ def test_demo_end_to_end_and_reuse(tmp_path, capsys):
     model = GPT.from_pretrained(out / "model")
     assert model.tokenizer is not None and model.config.n_layer == 2
     assert len(model.generate("def ", max_new_tokens=4, do_sample=False)[0].token_ids) > 0
+
+    # Quality on Python no corpus contains, each figure next to its baseline, and what the corpus kept.
+    heldout = report["heldout"]
+    assert math.isfinite(heldout["bits_per_byte"]) and heldout["lines"] > 0
+    assert heldout["bits_per_byte"] < heldout["unigram_bits_per_byte"], heldout
+    assert "bits per byte" in printed and "next-line exact match" in printed and "unigram baseline" in printed
+    (selection,) = report["corpus"]
+    assert selection["kept_bytes"] <= 300_000 and "literal_data" in selection["dropped"]
+    assert "stdlib: kept" in printed and BASE_MODEL_NOTE in printed
+    assert report["sampling"]["max_new_tokens"] == 12
 
     assert len(report["completions"]) == 5
     for item in report["completions"]:

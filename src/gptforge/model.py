@@ -173,6 +173,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             return self.down(F.silu(self.gate(x)) * self.up(x))
+        if self.config.mlp == "relu2":
+            return self.down(F.relu(self.up(x)).square())
         return self.down(F.gelu(self.up(x), approximate=self.config.gelu_approximate))
 
 

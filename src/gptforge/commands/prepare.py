@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.corpus import Selection
     from ..data.shards import prepare_corpus
 
     corpus = prepare_corpus(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
@@ -33,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
                             on_decode_error=args.on_decode_error, dtype=args.dtype, max_bytes=args.max_bytes,
                             shard_tokens=args.shard_tokens, force=args.force, progress=not args.no_progress)
     m = corpus.manifest
+    for selection in m.get("selection", []):  # curated sources (stdlib): what went in, what did not, why
+        print(Selection(**selection).summary(), file=sys.stderr)
     print(json.dumps({"out": str(corpus.directory), "documents": m["documents"], "tokens": m["num_tokens"],
                       "train_tokens": m["split_tokens"]["train"], "val_tokens": m["split_tokens"]["val"],
-                      "vocab_size": m["vocab_size"], "dtype": m["dtype"], "skipped": m["skipped"]}))
+                      "vocab_size": m["vocab_size"], "dtype": m["dtype"], "skipped": m["skipped"],
+                      "selection": m.get("selection", [])}))
     return 0

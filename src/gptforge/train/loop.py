@@ -59,7 +59,7 @@ from ..checkpoint import (CheckpointError, capture_rng_state, load_state, load_t
                           save_state, save_tensors)
 from . import distributed as D
 from .metrics import MetricsLogger, ProgressBar, estimate_peak_flops, plot_loss_curve
-from .optim import build_optimizer
+from .optim import OPTIMIZERS, build_optimizer
 from .schedule import LRSchedule
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ class TrainConfig:
     dtype: str = "auto"  # autocast: auto (bf16 on CUDA when supported, else fp32) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the model for training
     fused_adamw: Optional[bool] = None  # None: fused kernel when the device supports it
+    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on embeddings, head, norms)
+    muon_lr: float = 0.02  # peak learning rate of the Muon matrices (train.lr drives the AdamW part)
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     parallel: str = "auto"  # under torchrun: auto (= ddp) | ddp | fsdp | none
@@ -133,6 +135,10 @@ class TrainConfig:
         for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not self.muon_lr > 0:
+            raise ValueError(f"train.muon_lr must be positive, got {self.muon_lr!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"train.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.early_stopping_mode not in ("min", "max"):
@@ -275,7 +281,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_source: BatchSource, out_dir
     ddp = model_for_step if isinstance(model_for_step, nn.parallel.DistributedDataParallel) else None
     if cfg.compile:
         model_for_step = torch.compile(model_for_step)
-    optimizer = build_optimizer(bare, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, cfg.fused_adamw)
+    optimizer = build_optimizer(bare, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, cfg.fused_adamw,
+                                kind=cfg.optimizer, muon_lr=cfg.muon_lr)
     schedule = LRSchedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
     params = [p for p in bare.parameters() if p.requires_grad]
     amp_dtype = _autocast_dtype(cfg, device)
