@@ -322,6 +322,13 @@ def _side_by_side(prompt: str, completion: str, max_lines: int = 12) -> str:
     return "\n".join(lines)
 
 
+def _sampling_flags() -> str:
+    """`SAMPLING` as `gptforge generate` flags."""
+    flags = ["--do-sample"] if SAMPLING.get("do_sample") else []
+    flags += [f"--{k.replace('_', '-')} {v}" for k, v in SAMPLING.items() if k != "do_sample"]
+    return " ".join(flags)
+
+
 def _next_steps(report: DemoReport) -> str:
     model = report.model_dir
     better = "below" if report.val_perplexity < report.unigram_perplexity else "NOT below"
@@ -342,7 +349,8 @@ def _next_steps(report: DemoReport) -> str:
         f"  report:      {Path(report.out_dir) / 'report.json'}",
         "",
         "Next:",
-        f"  gptforge generate --model {model} --prompt 'def fibonacci(n):' --max-new-tokens 64",
+        f"  gptforge generate --model {model} --prompt 'def fibonacci(n):' --max-new-tokens 64 {_sampling_flags()}",
+        "      (sampled: greedy decoding sends a model this small into loops)",
         f"  gptforge chat --model {model}",
         "      (a code model: it continues text; fine-tune it with `gptforge finetune` to follow instructions)",
         f"  gptforge serve --model {model} --port 8000",
