@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from gptforge.cli import main
-from gptforge.demo import TIME_PLANNED_MAX_STEPS, default_recipe_path, training_overrides, unigram_log_probs
+from gptforge.demo import (BASE_MODEL_NOTE, TIME_PLANNED_MAX_STEPS, default_recipe_path, training_overrides,
+                           unigram_log_probs)
 from gptforge.generate import generate
 from gptforge.loading import load
 
@@ -59,6 +60,16 @@ def test_demo_end_to_end_and_reuse(tmp_path, capsys):
     model, tokenizer = load(out / "model")
     assert tokenizer is not None and model.config.n_layer == 2
     assert len(generate(model, "def ", tokenizer, max_new_tokens=4, do_sample=False)[0].token_ids) > 0
+
+    # Quality on Python no corpus contains, each figure next to its baseline, and what the corpus kept.
+    heldout = report["heldout"]
+    assert math.isfinite(heldout["bits_per_byte"]) and heldout["lines"] > 0
+    assert heldout["bits_per_byte"] < heldout["unigram_bits_per_byte"], heldout
+    assert "bits per byte" in printed and "next-line exact match" in printed and "unigram baseline" in printed
+    (selection,) = report["corpus"]
+    assert selection["kept_bytes"] <= 300_000 and "literal_data" in selection["dropped"]
+    assert "stdlib: kept" in printed and BASE_MODEL_NOTE in printed
+    assert report["sampling"]["max_new_tokens"] == 12
 
     assert len(report["completions"]) == 5
     for item in report["completions"]:

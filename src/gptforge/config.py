@@ -22,7 +22,7 @@ import yaml
 
 PosEmbedding = Literal["learned", "sinusoidal", "rope", "none"]
 NormKind = Literal["layernorm", "rmsnorm"]
-MLPKind = Literal["gelu", "swiglu", "geglu"]
+MLPKind = Literal["gelu", "swiglu", "geglu", "relu2"]
 NormPlacement = Literal["pre", "post", "sandwich"]
 QKNorm = Literal["head", "full"]
 LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's names for global and local attention layers
@@ -51,13 +51,13 @@ class Config:
     n_embd: int = 768
     n_kv_head: Optional[int] = None  # grouped-query attention; None means n_head
     head_dim: Optional[int] = None  # None means n_embd // n_head
-    intermediate_size: Optional[int] = None  # None means 4 * n_embd (gelu) or the Llama rule (swiglu)
+    intermediate_size: Optional[int] = None  # None means 4 * n_embd (gelu, relu2) or the Llama rule (swiglu)
     pos_embedding: PosEmbedding = "learned"
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None  # HF rope_scaling dict; "linear", "llama3" and "longrope" (Phi-3) are supported
     norm: NormKind = "layernorm"
     norm_eps: float = 1e-5
-    mlp: MLPKind = "gelu"  # "swiglu": silu(gate) * up; "geglu": gelu(gate) * up (Gemma)
+    mlp: MLPKind = "gelu"  # "swiglu": silu(gate) * up; "geglu": gelu(gate) * up (Gemma); "relu2": relu(x)^2 (Primer)
     gelu_approximate: str = "tanh"  # GPT-2's "gelu_new" and Gemma's "gelu_pytorch_tanh" are the tanh approximation
     bias: bool = True  # biases in every Linear and LayerNorm (GPT-2)
     attn_qkv_bias: Optional[bool] = None  # Qwen2: bias on q/k/v only; None means `bias`
@@ -105,7 +105,7 @@ class Config:
     def ffn_dim(self) -> int:
         if self.intermediate_size:
             return self.intermediate_size
-        if self.mlp == "gelu":
+        if self.mlp in ("gelu", "relu2"):
             return 4 * self.n_embd
         # Llama rule: 2/3 of 4d, rounded up to a multiple of 256 (64 for tiny models).
         hidden = int(2 * 4 * self.n_embd / 3)
@@ -165,7 +165,7 @@ class Config:
         choices = {
             "pos_embedding": ("learned", "sinusoidal", "rope", "none"),
             "norm": ("layernorm", "rmsnorm"),
-            "mlp": ("gelu", "swiglu", "geglu"),
+            "mlp": ("gelu", "swiglu", "geglu", "relu2"),
             "gelu_approximate": ("tanh", "none"),
             "norm_placement": ("pre", "post", "sandwich"),
             "qk_norm": (None, "head", "full"),

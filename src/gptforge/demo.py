@@ -9,8 +9,11 @@ The demo is the pretraining recipe `configs/stdlib-code.yaml` run through `gptfo
    and the run ends within the budget with its decay complete (see `gptforge.train.budget`);
 3. pretrain with a progress display, writing metrics.jsonl, loss_curve.png and model/;
 4. measure validation perplexity on held-out tokens next to a unigram baseline (token frequencies of
-   the training split, add-one smoothed) on exactly the same tokens;
-5. complete a few code prompts with `gptforge.generate.generate`;
+   the training split, add-one smoothed) on exactly the same tokens, and quality on Python no corpus
+   contains (`gptforge.eval.heldout`: bits per byte next to a unigram baseline, next-line exact match
+   next to repeating the previous line);
+5. complete a few code prompts with `gptforge.generate.generate` (`SAMPLING`: settings measured to
+   keep a small model out of loops), each shown under its prompt;
 6. write report.json and print the next commands.
 
 Re-running reuses the corpus and the trained model; an interrupted run resumes from its checkpoint and
@@ -27,12 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_write_text
 from .config import ConfigError
+from .eval.heldout import unigram_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,11 @@ DEFAULT_PROMPTS = (
     "class ",
 )
 EVAL_TOKENS = 100_000  # validation tokens for the final report (the same tokens for model and baseline)
+# Sampling for the shown completions, measured in benchmarks/RESULTS.md ("Sampling settings"): fewer
+# degenerate loops than plain temperature sampling at no loss of next-line exact match.
+SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 40}
+BASE_MODEL_NOTE = ("This is a small base model: it continues code it is given, it does not follow instructions "
+                   "or answer questions (an assistant needs fine-tuning: `gptforge finetune`).")
 DEMO_STATE = "demo.json"
 # Files of the training run inside the demo folder; `--fresh` removes these and keeps the corpus.
 RUN_FILES = ("checkpoints", "model", "best", "metrics.jsonl", "loss_curve.png", "result.json", "config.yaml",
@@ -76,18 +84,15 @@ class DemoReport:
     unigram_perplexity: float
     reused_model: bool
     completions: list[dict[str, str]] = field(default_factory=list)
+    heldout: Optional[dict[str, Any]] = None  # gptforge.eval.heldout figures (None where no package was found)
+    corpus: list[dict[str, Any]] = field(default_factory=list)  # what the curated sources kept and left out
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 # ---- measurements ------------------------------------------------------------------------------------
-
-def unigram_log_probs(train_tokens: np.ndarray, vocab_size: int) -> np.ndarray:
-    """log p(token) of an add-one smoothed unigram model (a model that ignores context), shape (vocab,)."""
-    counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size)[:vocab_size].astype(np.float64)
-    return np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)
-
 
 @torch.no_grad()
 def validation_report(model: torch.nn.Module, corpus: Any, seq_len: int, batch_size: int = 8,
@@ -184,8 +189,10 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
 
     echo(f"[1/4] corpus: the Python standard library -> {out / 'data'}")
     corpus = prepare_data(recipe, progress=progress)
-    echo(f"      {corpus.num_tokens('train'):,} training and {corpus.num_tokens('val'):,} validation tokens, "
-         f"vocabulary {corpus.vocab_size:,}")
+    for selection in corpus.manifest.get("selection", []):
+        echo("      " + _selection_sentence(selection))
+    echo(f"      {corpus.num_tokens('train'):,} training and {corpus.num_tokens('val'):,} validation tokens "
+         f"(validation: whole files), vocabulary {corpus.vocab_size:,}")
 
     if finished:
         echo(f"[2/4] reusing the model trained earlier in {out / 'model'} (pass --fresh to train again)")
@@ -194,17 +201,19 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
                              (str(recipe_path), overrides), progress, echo)
     train_seconds = _elapsed(out / "metrics.jsonl")
 
-    echo("[3/4] validation perplexity on held-out code (the validation split)")
+    echo("[3/4] quality on code the model did not train on")
     model, tokenizer = load(out / "model")
     corpus = load_prepared(out / "data")
     scores = validation_report(model, corpus, min(recipe.data.seq_len, model.config.block_size))
-    echo(f"      model    {scores['val_perplexity']:10.2f}  ({scores['val_loss']:.3f} nats/token)")
-    echo(f"      unigram  {scores['unigram_perplexity']:10.2f}  ({scores['unigram_loss']:.3f} nats/token; "
+    echo("      validation files of the standard library (perplexity per token; lower is better):")
+    echo(f"        model    {scores['val_perplexity']:10.2f}  ({scores['val_loss']:.3f} nats/token)")
+    echo(f"        unigram  {scores['unigram_perplexity']:10.2f}  ({scores['unigram_loss']:.3f} nats/token; "
          "token frequencies alone, the baseline to beat)")
+    heldout = _heldout_figures(model, echo)
 
-    echo("[4/4] completions (prompt, then what the model wrote)")
-    outputs = generate(model, list(prompts), tokenizer, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7,
-                       top_k=40, seed=seed)
+    echo("[4/4] completions: each prompt, then what the model wrote after it")
+    echo("      " + BASE_MODEL_NOTE)
+    outputs = generate(model, list(prompts), tokenizer, max_new_tokens=max_new_tokens, seed=seed, **SAMPLING)
     completions = []
     for prompt, output in zip(prompts, outputs):
         completions.append({"prompt": prompt, "completion": output.text})
@@ -218,7 +227,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
         steps=int(result.get("steps", 0)), train_seconds=round(train_seconds, 1),
         val_tokens=int(scores["val_tokens"]), val_loss=scores["val_loss"], val_perplexity=scores["val_perplexity"],
         unigram_loss=scores["unigram_loss"], unigram_perplexity=scores["unigram_perplexity"],
-        reused_model=finished, completions=completions)
+        reused_model=finished, completions=completions, heldout=heldout,
+        corpus=list(corpus.manifest.get("selection", [])), sampling={**SAMPLING, "max_new_tokens": max_new_tokens})
     atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2))
     echo(_next_steps(report))
     return report
@@ -277,31 +287,73 @@ def _elapsed(metrics_path: Path) -> float:
     return elapsed
 
 
-def _side_by_side(prompt: str, completion: str) -> str:
-    """The prompt as written, the completion marked with a bar so the two are easy to tell apart."""
+def _selection_sentence(selection: dict[str, Any]) -> str:
+    from .data.corpus import Selection
+
+    return Selection(**selection).summary()
+
+
+def _heldout_figures(model: torch.nn.Module, echo: Any) -> Optional[dict[str, Any]]:
+    """Bits per byte and next-line exact match on installed non-stdlib Python, printed; None when absent."""
+    from .eval.heldout import evaluate_heldout_python
+
+    try:
+        result = evaluate_heldout_python(model, model.tokenizer)
+    except FileNotFoundError as exc:
+        echo(f"      held-out Python: skipped ({exc})")
+        return None
+    for message in result.missing:
+        echo(f"      note: {message}")
+    echo(f"      Python that is not the standard library ({', '.join(result.versions)}; "
+         f"{result.bytes / 1000:.0f} kB, in no training corpus):")
+    echo(f"        bits per byte          {result.bits_per_byte:6.3f}   (unigram baseline "
+         f"{result.unigram_bits_per_byte:.3f}; lower is better)")
+    echo(f"        next-line exact match  {result.next_line_exact_match:6.1%}   (repeating the previous line: "
+         f"{result.repeat_line_exact_match:.1%}; {result.lines} lines, greedy)")
+    return result.to_dict()
+
+
+def _side_by_side(prompt: str, completion: str, max_lines: int = 12) -> str:
+    """The prompt, then the code as it reads with the completion: from the prompt's last line on."""
+    prompt_lines = prompt.split("\n")
     lines = ["  " + "-" * 60]
-    lines += [f"  prompt     | {line}" for line in prompt.splitlines() or [""]]
-    body = completion.rstrip("\n").splitlines() or [""]
-    lines += [f"  completion | {line}" for line in body[:12]]
-    if len(body) > 12:
-        lines.append("  completion | ...")
+    lines += [f"  prompt     | {line}" for line in prompt_lines]
+    body = (prompt_lines[-1] + completion).rstrip("\n").split("\n")
+    lines += [f"  {'continued' if i == 0 else '':<10} | {line}" for i, line in enumerate(body[:max_lines])]
+    if len(body) > max_lines:
+        lines.append(f"  {'':<10} | ...")
     return "\n".join(lines)
+
+
+def _sampling_flags() -> str:
+    """`SAMPLING` as `gptforge generate` flags."""
+    flags = ["--do-sample"] if SAMPLING.get("do_sample") else []
+    flags += [f"--{k.replace('_', '-')} {v}" for k, v in SAMPLING.items() if k != "do_sample"]
+    return " ".join(flags)
 
 
 def _next_steps(report: DemoReport) -> str:
     model = report.model_dir
     better = "below" if report.val_perplexity < report.unigram_perplexity else "NOT below"
+    quality = []
+    if report.heldout:
+        h = report.heldout
+        quality = [f"On Python it never saw: {h['bits_per_byte']:.3f} bits per byte (unigram "
+                   f"{h['unigram_bits_per_byte']:.3f}), next line exactly right {h['next_line_exact_match']:.1%} "
+                   "of the time."]
     return "\n".join([
         "",
         f"Done. Validation perplexity {report.val_perplexity:.2f} is {better} the unigram baseline "
         f"{report.unigram_perplexity:.2f}.",
+        *quality,
         f"  model:       {model}  ({report.parameters:,} parameters, {report.steps} steps, "
         f"{report.train_tokens_seen:,} tokens)",
         f"  loss curve:  {report.loss_curve_png}",
         f"  report:      {Path(report.out_dir) / 'report.json'}",
         "",
         "Next:",
-        f"  gptforge generate --model {model} --prompt 'def fibonacci(n):' --max-new-tokens 64",
+        f"  gptforge generate --model {model} --prompt 'def fibonacci(n):' --max-new-tokens 64 {_sampling_flags()}",
+        "      (sampled: greedy decoding sends a model this small into loops)",
         f"  gptforge chat --model {model}",
         "      (a code model: it continues text; fine-tune it with `gptforge finetune` to follow instructions)",
         f"  gptforge serve --model {model} --port 8000",
@@ -313,4 +365,4 @@ def _next_steps(report: DemoReport) -> str:
 
 
 __all__ = ["DemoReport", "run_demo", "unigram_log_probs", "validation_report", "training_overrides",
-           "default_recipe_path", "DEFAULT_PROMPTS"]
+           "default_recipe_path", "DEFAULT_PROMPTS", "SAMPLING", "BASE_MODEL_NOTE"]

@@ -283,11 +283,11 @@ class MLP(nn.Module):
         self.config = config
         width = width or config.ffn_dim
         self.kind = config.mlp
-        self.fused = config.fused_gate_up and self.kind != "gelu"
+        self.fused = config.fused_gate_up and self.kind not in ("gelu", "relu2")
         if self.fused:
             self.gate_up = nn.Linear(config.n_embd, 2 * width, bias=config.bias)  # rows: gate | up (Phi-3)
         else:
-            if self.kind != "gelu":
+            if self.kind not in ("gelu", "relu2"):  # gated kinds
                 self.gate = nn.Linear(config.n_embd, width, bias=config.bias)
             self.up = nn.Linear(config.n_embd, width, bias=config.bias)
         self.down = nn.Linear(width, config.n_embd, bias=config.bias)
@@ -295,6 +295,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu" and not self.fused:
             return self.down(F.silu(self.gate(x)) * self.up(x))
+        if self.kind == "relu2":
+            return self.down(F.relu(self.up(x)).square())
         if self.kind == "gelu":
             return self.down(F.gelu(self.up(x), approximate=self.config.gelu_approximate))
         gate, up = self.gate_up(x).chunk(2, dim=-1) if self.fused else (self.gate(x), self.up(x))

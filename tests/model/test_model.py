@@ -127,3 +127,21 @@ def test_dropout_active_only_in_training():
     assert not torch.allclose(model(ids), model(ids))
     model.eval()
     assert torch.equal(model(ids), model(ids))
+
+
+def test_relu2_mlp_is_relu_squared_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    config = Config.from_name("llama-nano", vocab_size=64, block_size=16, mlp="relu2")
+    model = GPT(config).eval()
+    assert config.ffn_dim == 4 * config.n_embd and not hasattr(model.blocks[0].mlp, "gate")
+    assert model.num_params() == config.num_params()
+    mlp, x = model.blocks[0].mlp, torch.randn(2, 5, config.n_embd)
+    expected = mlp.down(torch.clamp(mlp.up(x), min=0) ** 2)
+    torch.testing.assert_close(mlp(x), expected)
+    ids = torch.randint(0, 64, (1, 12))
+    model.save_pretrained(tmp_path / "m")
+    reloaded = GPT.from_pretrained(tmp_path / "m")
+    assert reloaded.config.mlp == "relu2"
+    torch.testing.assert_close(reloaded(ids), model(ids))
+    with pytest.raises(ConfigError, match="'mlp' must be one of"):
+        Config.from_name("nano", mlp="relu3")

@@ -1,4 +1,5 @@
-"""`gptforge eval --model DIR`: perplexity (--text/--shards), JSONL task metrics (--task), lm-eval (--harness)."""
+"""`gptforge eval --model DIR`: perplexity (--text/--shards), held-out Python (--heldout-python), JSONL task
+metrics (--task), lm-eval (--harness)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import importlib.util
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--stride", type=int, default=None,
                      help="tokens newly scored per window (default: the context length, no overlap)")
     ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of each source")
+
+    code = parser.add_argument_group("held-out Python (code models)")
+    code.add_argument("--heldout-python", action="store_true",
+                      help="bits per byte and next-line exact match on installed non-stdlib Python (gptforge's "
+                           "dependencies), each next to its baseline")
+    code.add_argument("--heldout-lines", type=int, default=None,
+                      help="target lines for next-line exact match (default 200)")
 
     task = parser.add_argument_group("JSONL task")
     task.add_argument("--task", default=None, metavar="FILE.jsonl", help="task examples, one JSON object per line")
@@ -60,8 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if not (args.text or args.shards or args.task or args.harness):
-        raise ValueError("nothing to evaluate: give --text FILE, --shards DIR, --task FILE.jsonl or --harness --tasks")
+    if args.heldout_lines is not None and not args.heldout_python:
+        raise ValueError("--heldout-lines belongs to --heldout-python; add --heldout-python")
+    if not (args.text or args.shards or args.task or args.harness or args.heldout_python):
+        raise ValueError("nothing to evaluate: give --text FILE, --shards DIR, --heldout-python, --task FILE.jsonl "
+                         "or --harness --tasks")
     if args.task and not args.task_type:
         raise ValueError("--task needs --task-type (multiple_choice, classification, qa, translation, "
                          "summarization or generation)")
@@ -79,7 +91,7 @@ def _check(args: argparse.Namespace) -> None:
     for flag, path in (("--shards", args.shards), ("--include-path", args.include_path)):
         if path is not None and not Path(path).is_dir():
             raise FileNotFoundError(f"{flag}: no such directory: {path}")
-    for name in ("batch_size", "max_tokens", "stride", "max_new_tokens"):
+    for name in ("batch_size", "max_tokens", "stride", "max_new_tokens", "heldout_lines"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -107,6 +119,16 @@ def run(args: argparse.Namespace) -> int:
         if args.shards:
             runs.append(perplexity_of_shards(model, tokenizer, args.shards, split=args.split, **common))
         report["perplexity"] = [r.to_dict() for r in runs]
+
+    if args.heldout_python:
+        from ..eval.heldout import NEXT_LINES, evaluate_heldout_python
+
+        say = (lambda message: print(message, file=sys.stderr)) if progress else None
+        result = evaluate_heldout_python(model, tokenizer, max_lines=args.heldout_lines or NEXT_LINES,
+                                         max_length=args.max_length, batch_size=args.batch_size, progress=say)
+        for message in result.missing:
+            print(f"note: {message}", file=sys.stderr)
+        report["heldout_python"] = result.to_dict()
 
     if args.task:
         from ..eval.tasks import FEWSHOT_DELIMITER, evaluate_task
@@ -149,6 +171,12 @@ def format_table(report: dict[str, Any]) -> str:
     for run in report.get("perplexity", []):
         for key in ("perplexity", "bits_per_byte", "loss", "num_tokens"):
             rows.append((run["source"], key, _fmt(run[key])))
+    if "heldout_python" in report:
+        code = report["heldout_python"]
+        name = f"held-out Python ({len(code['versions'])} packages)"
+        for key in ("bits_per_byte", "unigram_bits_per_byte", "next_line_exact_match", "repeat_line_exact_match",
+                    "lines"):
+            rows.append((name, key, _fmt(code[key])))
     if "task" in report:
         task = report["task"]
         name = f"{Path(task['task']).name} ({task['task_type']}, {task['shots']}-shot)"

@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.corpus import Selection
     from ..data.shards import prepare_corpus
 
     corpus = prepare_corpus(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
@@ -41,8 +42,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"out": str(corpus.directory), "documents": m["documents"], "tokens": m["num_tokens"],
                           "train_tokens": m["split_tokens"]["train"], "val_tokens": m["split_tokens"]["val"],
-                          "vocab_size": m["vocab_size"], "dtype": m["dtype"], "skipped": m["skipped"]}))
+                          "vocab_size": m["vocab_size"], "dtype": m["dtype"], "skipped": m["skipped"],
+                          "selection": m.get("selection", [])}))
     else:
+        for selection in m.get("selection", []):  # curated sources (stdlib): what went in, what did not, why
+            print(Selection(**selection).summary())
         print(describe_prepared(corpus.directory, m))
     return 0
 

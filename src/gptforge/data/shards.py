@@ -346,6 +346,7 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
                           "eos_token_id": eos},
             "vocab_size": tok.vocab_size, "dtype": dtype_name, "documents": n_docs, "characters": n_chars,
             "num_tokens": total, "skipped": list(corpus.skipped),
+            "selection": [sel.to_dict() for sel in corpus.selections],
             "split": {"method": split, "val_fraction": val_fraction},
             "split_tokens": {name: sum(s["end"] - s["start"] for s in segs) for name, segs in splits.items()},
             "shards": shards, "splits": splits, "settings": settings,

@@ -67,7 +67,7 @@ from . import distributed as D
 from .budget import TimeBudget
 from .checkpointing import CHECKPOINT_DIR, LATEST, RunCheckpointer, latest_checkpoint, write_model_folder
 from .metrics import MetricsLogger, ProgressBar, estimate_peak_flops, import_plotting, plot_loss_curve
-from .optim import build_optimizer
+from .optim import OPTIMIZERS, build_optimizer
 from .schedule import LRSchedule
 from .state import TrainState
 
@@ -156,6 +156,8 @@ class TrainConfig:
     dtype: str = "auto"  # autocast: auto (bf16 on CUDA when supported, else fp32) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the model for training
     fused_adamw: Optional[bool] = None  # None: fused kernel when the device supports it
+    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on embeddings, head, norms)
+    muon_lr: float = 0.02  # peak learning rate of the Muon matrices (train.lr drives the AdamW part)
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     parallel: str = "auto"  # under torchrun: auto (= ddp) | ddp | fsdp | none
@@ -201,6 +203,10 @@ class TrainConfig:
         for name, value in {"warmup_fraction": self.warmup_fraction, "eval_share": self.eval_share}.items():
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"train.{name} must be in [0, 1), got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not self.muon_lr > 0:
+            raise ValueError(f"train.muon_lr must be positive, got {self.muon_lr!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"train.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.early_stopping_mode not in ("min", "max"):
@@ -319,7 +325,7 @@ class Trainer:
         start = self._resume_point(resume)
         self._setup_model(model)
         self.optimizer = build_optimizer(self.bare, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
-                                         cfg.fused_adamw)
+                                         cfg.fused_adamw, kind=cfg.optimizer, muon_lr=cfg.muon_lr)
         self.schedule = LRSchedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
                                    cfg.decay_fraction)
         self.state = TrainState(grad_accum_steps=cfg.grad_accum_steps)
