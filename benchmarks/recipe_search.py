@@ -187,11 +187,11 @@ def train_trial(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, A
 def evaluate(model_dir: Path, lines: int, completions: bool) -> dict[str, Any]:
     """Held-out figures of a model folder (and, optionally, the demo's sampled completions)."""
     from gptforge.eval.heldout import evaluate_heldout_python
-    from gptforge.model import GPT
+    from gptforge.loading import load
 
-    model = GPT.from_pretrained(model_dir)
+    model, tokenizer = load(model_dir)
     started = time.perf_counter()
-    report = evaluate_heldout_python(model, model.tokenizer, max_lines=lines)
+    report = evaluate_heldout_python(model, tokenizer, max_lines=lines)
     out = {"parameters": model.num_params(), "bits_per_byte": round(report.bits_per_byte, 4),
            "unigram_bits_per_byte": round(report.unigram_bits_per_byte, 4),
            "next_line_em": round(report.next_line_exact_match, 4),
@@ -201,7 +201,7 @@ def evaluate(model_dir: Path, lines: int, completions: bool) -> dict[str, Any]:
         from gptforge.demo import DEFAULT_PROMPTS
         from gptforge.generate import generate
 
-        outputs = generate(model, list(DEFAULT_PROMPTS), max_new_tokens=48, do_sample=True, temperature=0.7,
+        outputs = generate(model, list(DEFAULT_PROMPTS), tokenizer, max_new_tokens=48, do_sample=True, temperature=0.7,
                            top_k=40, seed=0)
         out["completions"] = [p + o.text for p, o in zip(DEFAULT_PROMPTS, outputs)]
     return out

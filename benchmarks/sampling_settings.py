@@ -53,10 +53,9 @@ def main() -> None:
     from gptforge.eval.heldout import (encode_prompt, is_degenerate, load_heldout_python, next_line_examples,
                                        predicted_line)
     from gptforge.generate import generate
-    from gptforge.model import GPT
+    from gptforge.loading import load
 
-    model = GPT.from_pretrained(args.model)
-    tokenizer = model.tokenizer
+    model, tokenizer = load(args.model)
     examples = next_line_examples(load_heldout_python(), args.prompts)
     keep = model.config.block_size - args.max_new_tokens
     prompts = [encode_prompt(tokenizer, e.prompt, keep) for e in examples]
@@ -78,7 +77,7 @@ def main() -> None:
         seeds = range(args.seeds) if params["do_sample"] else range(1)
         loops = hits = total = demo_loops = demo_total = 0
         for seed in seeds:
-            outs = generate(model, prompts + demo, max_new_tokens=args.max_new_tokens, seed=seed, **params)
+            outs = generate(model, prompts + demo, tokenizer, max_new_tokens=args.max_new_tokens, seed=seed, **params)
             for e, out in zip(examples, outs[:len(examples)]):
                 loops += is_degenerate(out.text)
                 hits += predicted_line(out.text, out.finish_reason == "stop") == e.target

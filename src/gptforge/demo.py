@@ -209,7 +209,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
     echo(f"        model    {scores['val_perplexity']:10.2f}  ({scores['val_loss']:.3f} nats/token)")
     echo(f"        unigram  {scores['unigram_perplexity']:10.2f}  ({scores['unigram_loss']:.3f} nats/token; "
          "token frequencies alone, the baseline to beat)")
-    heldout = _heldout_figures(model, echo)
+    heldout = _heldout_figures(model, tokenizer, echo)
 
     echo("[4/4] completions: each prompt, then what the model wrote after it")
     echo("      " + BASE_MODEL_NOTE)
@@ -293,12 +293,12 @@ def _selection_sentence(selection: dict[str, Any]) -> str:
     return Selection(**selection).summary()
 
 
-def _heldout_figures(model: torch.nn.Module, echo: Any) -> Optional[dict[str, Any]]:
+def _heldout_figures(model: torch.nn.Module, tokenizer: Any, echo: Any) -> Optional[dict[str, Any]]:
     """Bits per byte and next-line exact match on installed non-stdlib Python, printed; None when absent."""
     from .eval.heldout import evaluate_heldout_python
 
     try:
-        result = evaluate_heldout_python(model, model.tokenizer)
+        result = evaluate_heldout_python(model, tokenizer)
     except FileNotFoundError as exc:
         echo(f"      held-out Python: skipped ({exc})")
         return None

@@ -113,6 +113,8 @@ def test_prepare_reports_what_went_in_and_out(tmp_path, capsys):
     assert corpus.manifest["documents"] == selection["kept_files"]
     assert main(["prepare", "stdlib", "--out", str(tmp_path / "b"), "--tokenizer", "char", "--max-bytes", "150000",
                  "--no-progress"]) == 0
-    captured = capsys.readouterr()
-    assert json.loads(captured.out)["selection"][0]["kept_files"] == selection["kept_files"]
-    assert "stdlib: kept" in captured.err and "literal tables" in captured.err
+    printed = capsys.readouterr().out  # for people: sentences, what the curation kept and why it left files out
+    assert "stdlib: kept" in printed and "literal tables" in printed and "Prepared" in printed
+    assert main(["prepare", "stdlib", "--out", str(tmp_path / "b"), "--tokenizer", "char", "--max-bytes", "150000",
+                 "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["selection"][0]["kept_files"] == selection["kept_files"]
