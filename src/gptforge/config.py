@@ -256,7 +256,7 @@ class Config:
 
     def _mlp_params(self, width: int) -> int:
         d = self.n_embd
-        gated = self.mlp != "gelu"
+        gated = self.mlp in ("swiglu", "geglu")
         params = (3 if gated else 2) * d * width
         if self.bias:
             params += width * (2 if gated else 1) + d
