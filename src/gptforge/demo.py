@@ -153,9 +153,6 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
     `steps` fixes the number of optimizer steps instead of fitting them to the budget (the budget still
     stops the run); `overrides` are `section.key=value` changes to the recipe.
     """
-    from .data.shards import load_prepared
-    from .generate import generate
-    from .loading import load
     from .train.pretrain import load_recipe, prepare_data
 
     if not minutes > 0:
@@ -201,6 +198,18 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
                              (str(recipe_path), overrides), progress, echo)
     train_seconds = _elapsed(out / "metrics.jsonl")
 
+    report = _measure(out, recipe, prompts, max_new_tokens, seed, train_seconds, finished, echo)
+    echo(_next_steps(report))
+    return report
+
+
+def _measure(out: Path, recipe: Any, prompts: Sequence[str], max_new_tokens: int, seed: int,
+             train_seconds: float, reused: bool, echo: Any) -> DemoReport:
+    """Steps 3 and 4 of the demo: quality next to its baselines, sampled completions; writes report.json."""
+    from .data.shards import load_prepared
+    from .generate import generate
+    from .loading import load
+
     echo("[3/4] quality on code the model did not train on")
     model, tokenizer = load(out / "model")
     corpus = load_prepared(out / "data")
@@ -219,6 +228,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
         completions.append({"prompt": prompt, "completion": output.text})
         echo(_side_by_side(prompt, output.text))
 
+    result_path = out / "result.json"
     result = json.loads(result_path.read_text(encoding="utf-8")) if result_path.is_file() else {}
     png = out / "loss_curve.png"
     report = DemoReport(
@@ -227,10 +237,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, minutes: float = DEFAULT_MINU
         steps=int(result.get("steps", 0)), train_seconds=round(train_seconds, 1),
         val_tokens=int(scores["val_tokens"]), val_loss=scores["val_loss"], val_perplexity=scores["val_perplexity"],
         unigram_loss=scores["unigram_loss"], unigram_perplexity=scores["unigram_perplexity"],
-        reused_model=finished, completions=completions, heldout=heldout,
+        reused_model=reused, completions=completions, heldout=heldout,
         corpus=list(corpus.manifest.get("selection", [])), sampling={**SAMPLING, "max_new_tokens": max_new_tokens})
     atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2))
-    echo(_next_steps(report))
     return report
 
 

@@ -505,7 +505,11 @@ class _SamplingRun:
 
 def _beam_search(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, tokenizer: Any,
                  skip_special_tokens: bool) -> list[GenerationOutput]:
-    """Beam search with the scoring, length penalty and early stopping of `transformers` (v4.50+)."""
+    """Beam search with the scoring, length penalty and early stopping of `transformers` (v4.50+).
+
+    One function on purpose (~90 lines): the running/finished beam tensors update together every step,
+    in the order transformers' `_beam_search` does; split up, each part would take and return all of them.
+    """
     device = next(model.parameters()).device
     n_prompts, beams = len(prompts), params.num_beams
     eos = _default_eos(params, tokenizer, model)
@@ -595,12 +599,20 @@ def _beam_search(model: torch.nn.Module, prompts: list[list[int]], params: Sampl
             next_ids = running[:, :, step].reshape(-1, 1)
             logits = model(next_ids, positions, cache_slots=slot_t, key_mask=key_mask, kv_len=slot + 1,
                            last_only=True)[:, -1]
+    return _beam_outputs(prompts, params, tokenizer, skip_special_tokens, finished, finished_scores,
+                         finished_lengths, finished_eos)
+
+
+def _beam_outputs(prompts: list[list[int]], params: SamplingParams, tokenizer: Any, skip_special_tokens: bool,
+                  finished: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor,
+                  ended_on_eos: torch.Tensor) -> list[GenerationOutput]:
+    """The best `num_return_sequences` finished beams of each prompt, decoded and cut at stop strings."""
     outputs = []
-    for p in range(n_prompts):
+    for p in range(len(prompts)):
         for b in range(params.num_return_sequences):
-            n = int(finished_lengths[p, b])
+            n = int(lengths[p, b])
             tokens = finished[p, b, :n].tolist()
-            ended_eos = bool(finished_eos[p, b])
+            ended_eos = bool(ended_on_eos[p, b])
             text = tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens) if tokenizer is not None else ""
             stop_reason: Optional[Union[str, int]] = int(finished[p, b, n]) if ended_eos else None
             finish_reason = "stop" if ended_eos else "length"
@@ -611,7 +623,7 @@ def _beam_search(model: torch.nn.Module, prompts: list[list[int]], params: Sampl
                     text, finish_reason, stop_reason = cut, "stop", matcher.stop_string
             outputs.append(GenerationOutput(index=p, text=text, token_ids=tokens, finish_reason=finish_reason,
                                             prompt_token_ids=prompts[p], stop_reason=stop_reason,
-                                            score=float(finished_scores[p, b])))
+                                            score=float(scores[p, b])))
     return outputs
 
 
