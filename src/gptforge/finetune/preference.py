@@ -31,7 +31,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..atomic import atomic_path
 from ..config import ConfigError
 from ..data.preference import Pair, collate_pairs, encode_pair
 from ..data.records import Record
@@ -228,7 +227,7 @@ class PreferenceEvaluator:
 
 def plot_reward_margin(metrics_path: str | Path, png_path: str | Path, title: str = "reward margin") -> Optional[Path]:
     """Draw the train reward margin per step and the held-out margin and accuracy per evaluation into a PNG."""
-    from ..train.metrics import read_metrics
+    from ..train.metrics import read_metrics, save_figure
 
     records = read_metrics(metrics_path)
     train = [r for r in records if "reward_margin" in r]
@@ -259,12 +258,7 @@ def plot_reward_margin(metrics_path: str | Path, png_path: str | Path, title: st
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    png_path = Path(png_path)
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return png_path
+    return save_figure(fig, png_path)
 
 
 __all__ = ["PreferenceSettings", "PreferenceObjective", "ReferenceModel", "PairSource", "PreferenceEvaluator",

@@ -202,16 +202,7 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False) -> FinetuneResult:
             if baseline is not None:
                 entry["baseline"] = {"prediction": f"record field {task.baseline!r}", **baseline}
         report["tasks"][task.name] = entry
-    merged_dir = None
-    if recipe.merge and recipe.method == "lora":
-        merged_dir = out_dir / "merged"
-        merge_lora(body)
-        _saver(dataclasses.replace(recipe, method="full"), tokenizer)(model, merged_dir)
-        report["merged_dir"] = str(merged_dir)
-    atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2))
-    return FinetuneResult(out_dir=out_dir, model_dir=result.model_dir, best_dir=best_dir, merged_dir=merged_dir,
-                          steps=result.steps, stopped_early=result.stopped_early, val=result.metrics,
-                          test=report["tasks"], train_result=result)
+    return _finish(recipe, tokenizer, body, out_dir, result, best_dir, report, test=report["tasks"])
 
 
 def _finetune_preference(recipe: FinetuneRecipe, body: GPT, tokenizer: Tokenizer, resume: bool) -> FinetuneResult:
@@ -259,16 +250,7 @@ def _finetune_preference(recipe: FinetuneRecipe, body: GPT, tokenizer: Tokenizer
                               "best_metric": result.best_metric, "train_pairs": len(train_records),
                               "val_pairs": len(val_records), "before": before, "val": result.metrics,
                               "reward_margin_png": str(out_dir / "reward_margin.png"), "tasks": {}}
-    merged_dir = None
-    if recipe.merge and recipe.method == "lora":
-        merged_dir = out_dir / "merged"
-        merge_lora(body)
-        _saver(dataclasses.replace(recipe, method="full"), tokenizer)(body, merged_dir)
-        report["merged_dir"] = str(merged_dir)
-    atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2))
-    return FinetuneResult(out_dir=out_dir, model_dir=result.model_dir, best_dir=best_dir, merged_dir=merged_dir,
-                          steps=result.steps, stopped_early=result.stopped_early, val=result.metrics, test={},
-                          train_result=result, before=before)
+    return _finish(recipe, tokenizer, body, out_dir, result, best_dir, report, test={}, before=before)
 
 
 def _evaluate_now(model: nn.Module, evaluator: Optional[Callable[[nn.Module], dict[str, float]]]) -> dict[str, float]:
@@ -311,6 +293,21 @@ def load_finetuned(directory: str | Path,
     if (directory / "classifier.json").is_file():
         return SequenceClassifier.from_pretrained(directory), load_tokenizer(directory)
     return load(directory)
+
+
+def _finish(recipe: FinetuneRecipe, tokenizer: Any, body: nn.Module, out_dir: Path, result: Any,
+            best_dir: Optional[Path], report: dict[str, Any], **extra: Any) -> FinetuneResult:
+    """Write merged/ (LoRA with `merge`) and eval.json; the run's FinetuneResult."""
+    merged_dir = None
+    if recipe.merge and recipe.method == "lora":
+        merged_dir = out_dir / "merged"
+        merge_lora(body)
+        _saver(dataclasses.replace(recipe, method="full"), tokenizer)(body, merged_dir)
+        report["merged_dir"] = str(merged_dir)
+    atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2))
+    return FinetuneResult(out_dir=out_dir, model_dir=result.model_dir, best_dir=best_dir, merged_dir=merged_dir,
+                          steps=result.steps, stopped_early=result.stopped_early, val=result.metrics,
+                          train_result=result, **extra)
 
 
 __all__ = ["finetune", "FinetuneResult", "build_task", "set_dropout", "load_finetuned"]

@@ -151,6 +151,13 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, png_path)
+
+
+def save_figure(fig: Any, png_path: str | Path) -> Path:
+    """Lay out `fig`, write it as a PNG atomically (a reader never sees half a file) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     png_path = Path(png_path)
     with atomic_path(png_path) as tmp:
@@ -205,4 +212,4 @@ class ProgressBar:
         self.display.close()
 
 
-__all__ = ["MetricsLogger", "ProgressBar", "plot_loss_curve", "import_plotting", "read_metrics", "estimate_peak_flops"]
+__all__ = ["MetricsLogger", "ProgressBar", "plot_loss_curve", "save_figure", "import_plotting", "read_metrics", "estimate_peak_flops"]
