@@ -20,6 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrency", type=int, default=8,
                         help="sequences decoded together in the running batch (KV cache rows)")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting sequences before 429 + Retry-After")
+    parser.add_argument("--prefix-cache-mb", type=float, default=256.0, metavar="MB",
+                        help="memory for the keys/values of prompt prefixes that requests share (a system prompt, "
+                             "a chat's history), reused instead of recomputed; least recently used blocks go first "
+                             "(default 256; 0 turns prefix caching off)")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cut off")
     parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
     parser.add_argument("--rate-limit-rpm", type=int, default=None, help="requests per minute per API key")
@@ -63,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
                         ("--port", args.port)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not args.prefix_cache_mb >= 0:
+        raise ValueError(f"--prefix-cache-mb must be >= 0 (0 turns the prefix cache off), got {args.prefix_cache_mb}")
     if not args.feedback_retention > 0:
         raise ValueError(f"--feedback-retention must be a positive number of seconds, got {args.feedback_retention}")
     # Leave one core to the HTTP event loop: OpenMP workers spin between matmuls, and an event loop
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_concurrency, max_queue=args.max_queue, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, requests_per_minute=args.rate_limit_rpm,
         tokens_per_minute=args.rate_limit_tpm, redact_pii=args.redact_pii, moderation=args.moderation,
-        embedding_pooling=args.embedding_pooling, feedback_db=_feedback_db(args, model_dir),
+        embedding_pooling=args.embedding_pooling, prefix_cache_mb=args.prefix_cache_mb, feedback_db=_feedback_db(args, model_dir),
         feedback_retention=args.feedback_retention)
     app = create_app(load_model_dir(model_dir, args.dtype), options)
     print(f"gptforge serve: {options.model_name} on http://{args.host}:{args.port} "

@@ -49,6 +49,7 @@ class ServerOptions:
     redact_pii: str = "off"  # off | logs | content (content also masks logs)
     moderation: Optional[str] = None  # a gptforge.safety policy YAML for prompts and outputs
     embedding_pooling: str = "last"  # last | mean (serving_embeddings.py says why "last")
+    prefix_cache_mb: float = 256.0  # keys/values of shared prompt prefixes kept for reuse (0: off)
     log_json: bool = True
     feedback_db: Optional[str] = None  # a SQLite file or database URL for POST /v1/feedback (None: off)
     feedback_retention: float = 86_400.0  # seconds a response is kept so that feedback can name its id
@@ -250,7 +251,8 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
             if tokenizer is None:
                 raise ValueError("the model directory has no tokenizer.json: the server needs a tokenizer")
             engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
-                            request_timeout=options.request_timeout, metrics=state.metrics)
+                            request_timeout=options.request_timeout, metrics=state.metrics,
+                            prefix_cache_bytes=int(options.prefix_cache_mb * 1024 * 1024))
             state.engine = engine
             if state.feedback is not None:
                 state.feedback.tokenizer = tokenizer

@@ -24,7 +24,7 @@ from .engine import Engine, PromptLogprobs, RequestHandle, SeqEvent, SequenceReq
 from .errors import APIError, invalid_param
 from .grammar import GrammarConstraint, GrammarEngine, GrammarSpec
 from .pii import mask_pii
-from .protocol import Usage
+from .protocol import PromptTokensDetails, Usage
 from .ratelimit import RateLimiter
 
 DISCONNECT_POLL_S = 0.25
@@ -48,6 +48,7 @@ class SequenceResult:
     top_logprobs: list[Any] = field(default_factory=list)
     finish_reason: Optional[str] = None
     prompt_logprobs: Optional[PromptLogprobs] = None
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -227,10 +228,15 @@ class ServingBase:
         self.rate_limiter.admit_tokens(key_id, tokens)
         return tokens
 
-    def usage(self, prep: Prepared, completion_tokens: int) -> Usage:
+    def usage(self, prep: Prepared, completion_tokens: int, cached: Optional[dict[int, int]] = None) -> Usage:
+        """Usage of a request; `cached`: prefix-cache tokens by sequence index (a prompt counts its first
+        choice's, the one admitted first, as its choices share the prompt)."""
         prompt_tokens = sum(len(p) for p in prep.prompts)
+        per_prompt = max(1, len(prep.sequences) // max(1, len(prep.prompts)))
+        cached_tokens = sum((cached or {}).get(p * per_prompt, 0) for p in range(len(prep.prompts)))
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+                     total_tokens=prompt_tokens + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
     def account(self, key_id: str, estimate: int, usage: Usage, request: Request) -> None:
         self.rate_limiter.adjust(key_id, estimate, usage.prompt_tokens + usage.completion_tokens)
@@ -325,6 +331,7 @@ class ServingBase:
                 res.top_logprobs.append(ev.top_logprobs)
             if ev.finish_reason is not None:
                 res.finish_reason = ev.finish_reason
+                res.cached_tokens = ev.cached_tokens or 0
                 if ev.finish_reason == CONTENT_FILTER:
                     res.text = self.moderator.refusal  # a blocked output is replaced, not truncated
         return results

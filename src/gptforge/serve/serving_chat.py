@@ -138,7 +138,8 @@ class ChatServing(ServingBase):
                                        tool_calls=[self._tool_call(c) for c in calls] or None)
             finish = "tool_calls" if calls and res.finish_reason == "stop" else res.finish_reason
             choices.append(ChatChoice(finish_reason=finish, index=seq.index, logprobs=logprobs, message=message))
-        usage = self.usage(prep, sum(len(r.token_ids) for r in results.values()))
+        usage = self.usage(prep, sum(len(r.token_ids) for r in results.values()),
+                           {i: r.cached_tokens for i, r in results.items()})
         self.account(key_id, estimate, usage, request)
         return to_jsonable(ChatCompletionResponse(id=request_id, choices=choices, created=created,
                                                   model=self.model_name, usage=usage))
@@ -160,6 +161,7 @@ class ChatServing(ServingBase):
             return f"data: {json.dumps(data)}\n\n"
 
         completion_tokens = 0
+        cached: dict[int, int] = {}
         parsers = {s.index: ToolCallStream(set(prep.tool_names)) for s in prep.sequences} if prep.tool_names else {}
         calls_made = {s.index: 0 for s in prep.sequences}
         try:
@@ -192,9 +194,10 @@ class ChatServing(ServingBase):
                         calls_made[ev.index] += 1
                     yield chunk([ChatChunkChoice(index=ev.index, delta=Delta(tool_calls=deltas))])
                 if ev.finish_reason is not None:
+                    cached[ev.index] = ev.cached_tokens or 0
                     finish = "tool_calls" if calls_made[ev.index] and ev.finish_reason == "stop" else ev.finish_reason
                     yield chunk([ChatChunkChoice(index=ev.index, delta=Delta(), finish_reason=finish)])
-            usage = self.usage(prep, completion_tokens)
+            usage = self.usage(prep, completion_tokens, cached)
             self.account(key_id, estimate, usage, request)
             if include_usage:
                 yield chunk([], usage)

@@ -104,7 +104,8 @@ class CompletionServing(ServingBase):
             return self._stream(body, prep, sub, request, request_id, created, key_id, estimate)
         results = await self.collect(prep, sub, request)
         choices = [self._choice(body, prep, results[seq.index]) for seq in prep.sequences]
-        usage = self.usage(prep, sum(len(r.token_ids) for r in results.values()))
+        usage = self.usage(prep, sum(len(r.token_ids) for r in results.values()),
+                           {i: r.cached_tokens for i, r in results.items()})
         self.account(key_id, estimate, usage, request)
         return to_jsonable(CompletionResponse(id=request_id, choices=choices, created=created,
                                               model=self.model_name, usage=usage))
@@ -152,6 +153,7 @@ class CompletionServing(ServingBase):
     async def _stream(self, body: CompletionRequest, prep: Prepared, sub: Submission, request: Request,
                       request_id: str, created: int, key_id: str, estimate: int) -> AsyncIterator[str]:
         completion_tokens = 0
+        cached: dict[int, int] = {}
         redactors = {s.index: StreamRedactor() for s in prep.sequences} if self.redact_content else {}
         offsets = {s.index: 0 for s in prep.sequences}
 
@@ -182,9 +184,11 @@ class CompletionServing(ServingBase):
                     offsets[ev.index] += sum(len(t) for t in logprobs.tokens)
                 if ev.token_id is not None:
                     completion_tokens += 1
+                if ev.finish_reason is not None:
+                    cached[ev.index] = ev.cached_tokens or 0
                 if text or ev.finish_reason is not None or logprobs is not None:
                     yield chunk(ev.index, text, ev.finish_reason, logprobs)
-            usage = self.usage(prep, completion_tokens)
+            usage = self.usage(prep, completion_tokens, cached)
             self.account(key_id, estimate, usage, request)
             if body.stream_options and body.stream_options.include_usage:
                 payload = CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[],
