@@ -10,7 +10,10 @@ fired by an asyncio client at each concurrency. The peer, measured in the same r
   servers are measured back to back per level and round (`--repeats`), and figures are medians; or
 - `--peer prefix-cache-off`: chats of `--turns` turns (a long system prompt, each reply kept in the
   history), run turn by turn on two servers, with the prefix cache (default) and without
-  (`--prefix-cache-mb 0`); the figure is the time to first token of each turn, the last turn's above all.
+  (`--prefix-cache-mb 0`); the figure is the time to first token of each turn, the last turn's above all; or
+- `--peer one-adapter`: one server with `--adapters` LoRA adapters (rank 8 on attention and MLP); at each
+  concurrency, requests spread over all the adapters (so every batch mixes them) against the same requests
+  all for one adapter, and for the base model alone.
 Prints one JSON object: our figures per concurrency, the peer's, and their ratios.
 
     python benchmarks/serve_load.py                         # the full run (about a minute on 2 cores)
@@ -18,6 +21,7 @@ Prints one JSON object: our figures per concurrency, the peer's, and their ratio
     LLAMACPP_BIN=/root/.cache/llamacpp/bin python benchmarks/serve_load.py --peer llama-server \
         --preset llama-small --concurrency 1,16 --repeats 3
     python benchmarks/serve_load.py --peer prefix-cache-off --preset llama-small --conversations 3
+    python benchmarks/serve_load.py --peer one-adapter --preset llama-micro --concurrency 8
 """
 
 from __future__ import annotations
@@ -134,14 +138,18 @@ async def one_request(client: httpx.AsyncClient, base: str, body: dict) -> tuple
     return ttft or 0.0, tokens or chunks
 
 
-async def run_level(base: str, model: str, concurrency: int, requests: int, body: dict) -> dict:
-    """Fire `requests` completions with at most `concurrency` in flight; tokens/s and TTFT percentiles."""
+async def run_level(base: str, model: str | list[str], concurrency: int, requests: int, body: dict) -> dict:
+    """Fire `requests` completions with at most `concurrency` in flight; tokens/s and TTFT percentiles.
+
+    `model`: one name, or names that the requests take in turn."""
+    models = [model] if isinstance(model, str) else model
     semaphore = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def task(i: int):
             async with semaphore:
-                return await one_request(client, base, {**body, "model": model, "prompt": f"{CORPUS[i % 3]} {i}"})
+                return await one_request(client, base, {**body, "model": models[i % len(models)],
+                                                        "prompt": f"{CORPUS[i % 3]} {i}"})
 
         start = time.perf_counter()
         results = await asyncio.gather(*(task(i) for i in range(requests)))
@@ -280,6 +288,44 @@ def compare_prefix_cache(args: argparse.Namespace) -> dict:
             f"speedup_ttft_turn_{args.turns}": round(off[last]["ttft_median_ms"] / max(on[last]["ttft_median_ms"], 1e-9), 2)}
 
 
+def compare_adapters(args: argparse.Namespace, levels: list[int]) -> dict:
+    """Throughput with requests spread over several LoRA adapters (mixed batches) vs one adapter vs none."""
+    import torch
+
+    from gptforge.finetune.lora import LoRAConfig, apply_lora, lora_modules, save_lora
+    from gptforge.loading import load
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, eos_ids = build_model(Path(tmp), args.preset)
+        flags = []
+        for i in range(args.adapters):
+            model, _ = load(model_dir)
+            apply_lora(model, LoRAConfig(r=8, alpha=16, target_modules=["attn.qkv", "attn.out", "mlp.up", "mlp.down"]))
+            with torch.no_grad():
+                for m in lora_modules(model).values():
+                    m.lora_B.normal_(0, 0.02)
+            flags += ["--lora", f"adapter{i}={save_lora(model, Path(tmp) / f'adapter{i}')}"]
+        body = {"max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}, "logit_bias": {str(i): -100 for i in eos_ids}}
+        mixes = {"mixed": [f"adapter{i}" for i in range(args.adapters)], "one_adapter": "adapter0",
+                 "base": model_dir.name}
+        out: dict[str, list] = {k: [] for k in mixes}
+        with Server(model_dir, max(levels), args.threads, extra=flags + ["--prefix-cache-mb", "0"]) as server:
+            asyncio.run(run_level(server.base, mixes["mixed"], 2, 2, body))  # warm-up
+            for c in levels:
+                for key, models in mixes.items():  # back to back per level
+                    out[key].append(asyncio.run(run_level(server.base, models, c, max(args.requests_per_level, c),
+                                                          body)))
+                print(f"concurrency {c}: " + ", ".join(f"{k} {v[-1]['tokens_per_s']} tok/s" for k, v in out.items()),
+                      file=sys.stderr, flush=True)
+    return {"peer": "the same requests all for one adapter (and for the base model)", "adapters": args.adapters,
+            "gptforge_mixed_adapters": out["mixed"], "peer_one_adapter": out["one_adapter"], "base_model": out["base"],
+            "ratio_mixed_over_one_adapter": [round(a["tokens_per_s"] / b["tokens_per_s"], 3)
+                                             for a, b in zip(out["mixed"], out["one_adapter"])],
+            "ratio_one_adapter_over_base": [round(a["tokens_per_s"] / b["tokens_per_s"], 3)
+                                            for a, b in zip(out["one_adapter"], out["base"])]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="micro", help="gptforge config preset (default: micro, 1.3M params)")
@@ -288,10 +334,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the server(s) (default: each server's own default)")
-    parser.add_argument("--peer", choices=["batching-off", "llama-server", "prefix-cache-off"], default="batching-off",
+    parser.add_argument("--peer", choices=["batching-off", "llama-server", "prefix-cache-off", "one-adapter"],
+                        default="batching-off",
                         help="what to compare with (see the module docstring)")
     parser.add_argument("--gguf-type", default="f32", help="llama-server's weights: f32 | f16 | bf16 | q8_0 | q4_0")
     parser.add_argument("--repeats", type=int, default=1, help="rounds per level with --peer llama-server (medians)")
+    parser.add_argument("--adapters", type=int, default=4, help="LoRA adapters with --peer one-adapter")
     parser.add_argument("--conversations", type=int, default=3, help="chats with --peer prefix-cache-off (medians)")
     parser.add_argument("--turns", type=int, default=5, help="turns per chat with --peer prefix-cache-off")
     parser.add_argument("--system-repeats", type=int, default=3,
@@ -302,8 +350,10 @@ def main() -> None:
               "hardware": f"{os.cpu_count()} CPU cores (no GPU)", "loadavg_before": [round(x, 2) for x in os.getloadavg()],
               "model": {"preset": args.preset, "max_tokens": args.max_tokens},
               "server_threads": args.threads or "default"}
-    if args.peer in ("llama-server", "prefix-cache-off"):
-        compare = compare_llama_server(args, levels) if args.peer == "llama-server" else compare_prefix_cache(args)
+    if args.peer != "batching-off":
+        compare = {"llama-server": lambda: compare_llama_server(args, levels),
+                   "prefix-cache-off": lambda: compare_prefix_cache(args),
+                   "one-adapter": lambda: compare_adapters(args, levels)}[args.peer]()
         report = {**header, **compare}
         report["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         print(json.dumps(report, indent=2))

@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory for the keys/values of prompt prefixes that requests share (a system prompt, "
                              "a chat's history), reused instead of recomputed; least recently used blocks go first "
                              "(default 256; 0 turns prefix caching off)")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                        help="serve a LoRA adapter (PEFT layout, as `gptforge finetune --method lora` writes it) "
+                             "beside the model as `model: NAME`; repeatable, and requests for different adapters "
+                             "are batched together")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cut off")
     parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
     parser.add_argument("--rate-limit-rpm", type=int, default=None, help="requests per minute per API key")
@@ -74,8 +78,12 @@ def run(args: argparse.Namespace) -> int:
     # Leave one core to the HTTP event loop: OpenMP workers spin between matmuls, and an event loop
     # starved of a core streams tokens many times slower (measured: 20x on a busy 2-core host).
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
+    from ..serve.multi_lora import parse_lora_flags
+
+    model_name = args.served_model_name or served_name(model_dir)
+    lora = parse_lora_flags(args.lora, model_name)
     options = ServerOptions(
-        model_name=args.served_model_name or served_name(model_dir),
+        model_name=model_name, lora=lora,
         api_keys=collect_keys(args.api_key, args.api_keys_file),
         max_batch=args.max_concurrency, max_queue=args.max_queue, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, requests_per_minute=args.rate_limit_rpm,

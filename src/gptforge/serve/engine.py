@@ -12,6 +12,9 @@ an earlier sequence computed is copied from the store into the row, and only the
 last prompt token always runs: its logits start the reply). A sequence's blocks are stored after its
 prefill (the prompt's) and when it ends (prompt and reply, so the next turn of a chat finds its history).
 
+LoRA adapters (`multi_lora.py`): each sequence names its adapter slot; every forward tells the adapted
+linears which adapter each row uses, so sequences of different adapters share the batch.
+
 Isolation: sampling parameters are per sequence, and an error while prefilling or sampling one
 sequence ends that sequence alone (with an OpenAI-shaped error); the others go on. Each sampled token
 goes through the sequence's `SequenceEmitter` (gptforge.emitter), the same rules `generate` uses.
@@ -96,6 +99,7 @@ class SequenceRequest:
     stop_token_ids: tuple[int, ...] = ()  # end-of-sequence ids (ignored under a constraint: it decides the end)
     hidden_prefix: str = ""  # token healing: prompt text the first tokens re-spell, dropped from the output
     healing: bool = False  # the constraint is token healing (a prefix rule, not an end rule)
+    adapter: int = 0  # LoRA adapter slot (multi_lora.AdapterSet); 0: the base model
 
 
 Sink = Callable[[list[SeqEvent]], None]
@@ -149,7 +153,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch: int = 8, max_queue: int = 64,
                  request_timeout: float = 600.0, metrics: Optional[ServerMetrics] = None,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, adapters: Any = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.block_size = model.config.block_size
@@ -172,6 +176,7 @@ class Engine:
         model.setup_cache(max_batch, self.block_size)
         self._caches = [block.attn.kv_cache for block in model.blocks]
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.adapters = adapters  # a multi_lora.AdapterSet, or None
         self.metrics.prefix_cache_capacity.set(prefix_cache_bytes)
         self._thread = threading.Thread(target=self._loop, name="gptforge-engine", daemon=True)
         self._thread.start()
@@ -302,8 +307,9 @@ class Engine:
         self.metrics.prompt_tokens.inc(n)
         start = self._reuse_prefix(seq)
         ids = torch.tensor([req.prompt_ids[start:]], dtype=torch.long)
-        logits = self.model(ids, cache_slots=torch.arange(start, n), cache_rows=slice(seq.row, seq.row + 1),
-                            kv_len=n, last_only=not req.prompt_logprobs)  # (1, n - start or 1, V)
+        logits = self._forward([req.adapter], ids, cache_slots=torch.arange(start, n),
+                               cache_rows=slice(seq.row, seq.row + 1), kv_len=n,
+                               last_only=not req.prompt_logprobs)  # (1, n - start or 1, V)
         self._store_prefix(seq, req.prompt_ids)
         if req.prompt_logprobs:
             self._event(seq, SeqEvent(req.index, prompt_logprobs=self._prompt_logprobs(req, logits[0])))
@@ -312,6 +318,16 @@ class Engine:
             return
         self._sample([seq], logits[:, -1])
 
+    def _forward(self, adapters: list[int], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The model's forward with each row's LoRA adapter selected (the base model again afterwards)."""
+        if self.adapters is None:
+            return self.model(*args, **kwargs)
+        self.adapters.select(adapters)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.adapters.select(None)  # other work between steps (embeddings) sees the base model
+
     # ---- prefix cache -----------------------------------------------------------------------
     def _reuse_prefix(self, seq: _Sequence) -> int:
         """Copy the cached blocks that start the prompt into the sequence's row; how many tokens they cover."""
@@ -319,7 +335,7 @@ class Engine:
         if cache is None:
             return 0
         ids = seq.req.prompt_ids
-        seq.digests = cache.digests(ids)
+        seq.digests = cache.digests(ids, namespace=str(seq.req.adapter))  # each adapter has its own keys/values
         if seq.req.prompt_logprobs:  # every prompt token's logits are needed: nothing may be skipped
             return 0
         self.metrics.prefix_cache_queries.inc(len(ids))
@@ -342,7 +358,7 @@ class Engine:
         if cache is None:
             return
         try:  # a cache is an optimisation: failing to fill it must not fail the sequence
-            seq.digests = cache.digests(ids, seq.digests)
+            seq.digests = cache.digests(ids, seq.digests, namespace=str(seq.req.adapter))
             b = cache.block_tokens
             new = {}
             for i, d in enumerate(seq.digests):
@@ -373,7 +389,8 @@ class Engine:
         tokens = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long)  # (n, 1)
         slots = torch.tensor([[s.length - 1] for s in seqs], dtype=torch.long)  # (n, 1)
         kv_len = max(s.length for s in seqs)
-        logits = self.model(tokens, cache_slots=slots, cache_rows=slice(0, n), kv_len=kv_len)[:, -1]  # (n, V)
+        logits = self._forward([s.req.adapter for s in seqs], tokens, cache_slots=slots, cache_rows=slice(0, n),
+                               kv_len=kv_len)[:, -1]  # (n, V)
         self._sample(list(seqs), logits)
 
     # ---- sampling ---------------------------------------------------------------------------

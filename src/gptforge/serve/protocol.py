@@ -332,6 +332,8 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     object: Literal["model"] = "model"
     owned_by: str = "gptforge"
+    root: Optional[str] = None  # extension (vLLM's): what the model is, a LoRA adapter's directory
+    parent: Optional[str] = None  # extension (vLLM's): the base model of a LoRA adapter
     max_model_len: Optional[int] = None  # extension
 
 

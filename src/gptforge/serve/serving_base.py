@@ -60,6 +60,7 @@ class Prepared:
     sequences: list[SequenceRequest]
     max_tokens: int
     blocked: bool = False  # the moderation policy refused the input: answer with the refusal, generate nothing
+    model: str = ""  # the model the request named (the base model or a LoRA adapter): responses echo it
     tool_names: frozenset[str] = frozenset()  # chat with tools: these calls are parsed out of the output
 
 
@@ -93,13 +94,26 @@ class ServingBase:
         self._grammars = grammars
 
     # ---- checks -------------------------------------------------------------------------------
-    def check_model(self, model: Optional[str], required: bool = True) -> None:
-        """404 unless `model` names the served model (None passes when not required)."""
+    @property
+    def adapter_slots(self) -> dict[str, int]:
+        """LoRA adapters served beside the base model, by name (`gptforge serve --lora NAME=DIR`)."""
+        adapters = getattr(self.engine, "adapters", None)
+        return adapters.slots if adapters is not None else {}
+
+    def check_model(self, model: Optional[str], required: bool = True, adapters: bool = True) -> int:
+        """The adapter slot `model` names (0: the served model itself); 404 when it names neither (None
+        passes when not required); with `adapters` False only the base model is accepted."""
         if model is None and not required:
-            return
-        if model != self.model_name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
+            return 0
+        if model == self.model_name:
+            return 0
+        slot = self.adapter_slots.get(model) if adapters else None
+        if slot is None:
+            others = f" and the LoRA adapters {sorted(self.adapter_slots)}" if self.adapter_slots else ""
+            where = "" if adapters or not self.adapter_slots else " (this endpoint uses the base model alone)"
+            raise APIError(404, f"The model '{model}' does not exist{where}; this server serves "
+                           f"'{self.model_name}'{others}", param="model", code="model_not_found")
+        return slot
 
     def check_token_ids(self, ids: Sequence[int], param: str, within_context: bool = True) -> None:
         if within_context and len(ids) > self.block_size:
