@@ -7,13 +7,21 @@ fired by an asyncio client at each concurrency. The peer, measured in the same r
   at the highest concurrency; or
 - `--peer llama-server`: llama.cpp's server ($LLAMACPP_BIN/llama-server) on the same weights
   (`gptforge export --format gguf`), one slot per concurrent request, with the same request mix; the two
-  servers are measured back to back per level and round (`--repeats`), and figures are medians.
+  servers are measured back to back per level and round (`--repeats`), and figures are medians; or
+- `--peer prefix-cache-off`: chats of `--turns` turns (a long system prompt, each reply kept in the
+  history), run turn by turn on two servers, with the prefix cache (default) and without
+  (`--prefix-cache-mb 0`); the figure is the time to first token of each turn, the last turn's above all; or
+- `--peer one-adapter`: one server with `--adapters` LoRA adapters (rank 8 on attention and MLP); at each
+  concurrency, requests spread over all the adapters (so every batch mixes them) against the same requests
+  all for one adapter, and for the base model alone.
 Prints one JSON object: our figures per concurrency, the peer's, and their ratios.
 
     python benchmarks/serve_load.py                         # the full run (about a minute on 2 cores)
     python benchmarks/serve_load.py --preset nano --requests-per-level 8 --max-tokens 16   # a smoke run
     LLAMACPP_BIN=/root/.cache/llamacpp/bin python benchmarks/serve_load.py --peer llama-server \
         --preset llama-small --concurrency 1,16 --repeats 3
+    python benchmarks/serve_load.py --peer prefix-cache-off --preset llama-small --conversations 3
+    python benchmarks/serve_load.py --peer one-adapter --preset llama-micro --concurrency 8
 """
 
 from __future__ import annotations
@@ -130,14 +138,18 @@ async def one_request(client: httpx.AsyncClient, base: str, body: dict) -> tuple
     return ttft or 0.0, tokens or chunks
 
 
-async def run_level(base: str, model: str, concurrency: int, requests: int, body: dict) -> dict:
-    """Fire `requests` completions with at most `concurrency` in flight; tokens/s and TTFT percentiles."""
+async def run_level(base: str, model: str | list[str], concurrency: int, requests: int, body: dict) -> dict:
+    """Fire `requests` completions with at most `concurrency` in flight; tokens/s and TTFT percentiles.
+
+    `model`: one name, or names that the requests take in turn."""
+    models = [model] if isinstance(model, str) else model
     semaphore = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def task(i: int):
             async with semaphore:
-                return await one_request(client, base, {**body, "model": model, "prompt": f"{CORPUS[i % 3]} {i}"})
+                return await one_request(client, base, {**body, "model": models[i % len(models)],
+                                                        "prompt": f"{CORPUS[i % 3]} {i}"})
 
         start = time.perf_counter()
         results = await asyncio.gather(*(task(i) for i in range(requests)))
@@ -205,6 +217,115 @@ def compare_llama_server(args: argparse.Namespace, levels: list[int]) -> dict:
     return {"peer": "llama-server", "gguf_type": args.gguf_type, "levels": levels_out}
 
 
+async def chat_turn(client: httpx.AsyncClient, base: str, body: dict) -> dict:
+    """One streamed chat turn: time to the first content token, the reply, and the usage."""
+    start = time.perf_counter()
+    ttft, text, usage = None, "", {}
+    async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            delta = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
+            if delta:
+                ttft = ttft or time.perf_counter() - start
+                text += delta
+            usage = chunk.get("usage") or usage
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return {"ttft_s": ttft or time.perf_counter() - start, "reply": text, "prompt_tokens": usage["prompt_tokens"],
+            "cached_tokens": cached}
+
+
+def compare_prefix_cache(args: argparse.Namespace) -> dict:
+    """Multi-turn chats on a server with the prefix cache and one without, turn by turn in the same run."""
+    system = "You answer questions about these notes. " + " ".join(CORPUS) * args.system_repeats
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, eos_ids = build_model(Path(tmp), args.preset)
+        name = model_dir.name
+        base_body = {"model": name, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+                     "stream_options": {"include_usage": True}, "logit_bias": {str(i): -100 for i in eos_ids}}
+        turns: dict[str, list[list[dict]]] = {"cache_on": [], "cache_off": []}
+
+        async def run(servers: dict[str, Server]) -> None:
+            async with httpx.AsyncClient(timeout=600) as client:
+                for key, server in servers.items():  # warm-up, on a chat unlike the measured ones
+                    await chat_turn(client, server.base, {**base_body, "messages": [{"role": "user", "content": "hi"}]})
+                for conv in range(args.conversations):
+                    histories = {key: [{"role": "system", "content": f"Chat {conv}. {system}"}] for key in servers}
+                    for key in servers:
+                        turns[key].append([])
+                    for turn in range(args.turns):
+                        question = f"Question {turn + 1}: {CORPUS[(conv + turn) % len(CORPUS)]}"
+                        for key, server in servers.items():  # the same turn on each server, back to back
+                            histories[key].append({"role": "user", "content": question})
+                            result = await chat_turn(client, server.base, {**base_body, "messages": histories[key]})
+                            histories[key].append({"role": "assistant", "content": result["reply"]})
+                            turns[key][-1].append(result)
+                        print(f"chat {conv + 1} turn {turn + 1}: ttft with cache "
+                              f"{turns['cache_on'][-1][-1]['ttft_s'] * 1000:.0f} ms, without "
+                              f"{turns['cache_off'][-1][-1]['ttft_s'] * 1000:.0f} ms", file=sys.stderr, flush=True)
+
+        with Server(model_dir, 4, args.threads) as on, \
+                Server(model_dir, 4, args.threads, extra=["--prefix-cache-mb", "0"]) as off:
+            asyncio.run(run({"cache_on": on, "cache_off": off}))
+
+    def per_turn(key: str) -> list[dict]:
+        out = []
+        for t in range(args.turns):
+            rows = [conv[t] for conv in turns[key]]
+            out.append({"turn": t + 1, "ttft_median_ms": round(1000 * statistics.median(r["ttft_s"] for r in rows), 1),
+                        "prompt_tokens": rows[0]["prompt_tokens"],
+                        "cached_tokens": rows[0]["cached_tokens"]})
+        return out
+
+    on, off = per_turn("cache_on"), per_turn("cache_off")
+    same = all(a["reply"] == b["reply"] for ca, cb in zip(turns["cache_on"], turns["cache_off"]) for a, b in zip(ca, cb))
+    last = args.turns - 1
+    return {"peer": "the same server with --prefix-cache-mb 0", "conversations": args.conversations,
+            "gptforge_prefix_cache": on, "peer_no_prefix_cache": off, "replies_identical": same,
+            f"ttft_turn_{args.turns}_ms": {"cache_on": on[last]["ttft_median_ms"], "cache_off": off[last]["ttft_median_ms"]},
+            f"speedup_ttft_turn_{args.turns}": round(off[last]["ttft_median_ms"] / max(on[last]["ttft_median_ms"], 1e-9), 2)}
+
+
+def compare_adapters(args: argparse.Namespace, levels: list[int]) -> dict:
+    """Throughput with requests spread over several LoRA adapters (mixed batches) vs one adapter vs none."""
+    import torch
+
+    from gptforge.finetune.lora import LoRAConfig, apply_lora, lora_modules, save_lora
+    from gptforge.loading import load
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, eos_ids = build_model(Path(tmp), args.preset)
+        flags = []
+        for i in range(args.adapters):
+            model, _ = load(model_dir)
+            apply_lora(model, LoRAConfig(r=8, alpha=16, target_modules=["attn.qkv", "attn.out", "mlp.up", "mlp.down"]))
+            with torch.no_grad():
+                for m in lora_modules(model).values():
+                    m.lora_B.normal_(0, 0.02)
+            flags += ["--lora", f"adapter{i}={save_lora(model, Path(tmp) / f'adapter{i}')}"]
+        body = {"max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}, "logit_bias": {str(i): -100 for i in eos_ids}}
+        mixes = {"mixed": [f"adapter{i}" for i in range(args.adapters)], "one_adapter": "adapter0",
+                 "base": model_dir.name}
+        out: dict[str, list] = {k: [] for k in mixes}
+        with Server(model_dir, max(levels), args.threads, extra=flags + ["--prefix-cache-mb", "0"]) as server:
+            asyncio.run(run_level(server.base, mixes["mixed"], 2, 2, body))  # warm-up
+            for c in levels:
+                for key, models in mixes.items():  # back to back per level
+                    out[key].append(asyncio.run(run_level(server.base, models, c, max(args.requests_per_level, c),
+                                                          body)))
+                print(f"concurrency {c}: " + ", ".join(f"{k} {v[-1]['tokens_per_s']} tok/s" for k, v in out.items()),
+                      file=sys.stderr, flush=True)
+    return {"peer": "the same requests all for one adapter (and for the base model)", "adapters": args.adapters,
+            "gptforge_mixed_adapters": out["mixed"], "peer_one_adapter": out["one_adapter"], "base_model": out["base"],
+            "ratio_mixed_over_one_adapter": [round(a["tokens_per_s"] / b["tokens_per_s"], 3)
+                                             for a, b in zip(out["mixed"], out["one_adapter"])],
+            "ratio_one_adapter_over_base": [round(a["tokens_per_s"] / b["tokens_per_s"], 3)
+                                            for a, b in zip(out["one_adapter"], out["base"])]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="micro", help="gptforge config preset (default: micro, 1.3M params)")
@@ -213,18 +334,27 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the server(s) (default: each server's own default)")
-    parser.add_argument("--peer", choices=["batching-off", "llama-server"], default="batching-off",
+    parser.add_argument("--peer", choices=["batching-off", "llama-server", "prefix-cache-off", "one-adapter"],
+                        default="batching-off",
                         help="what to compare with (see the module docstring)")
     parser.add_argument("--gguf-type", default="f32", help="llama-server's weights: f32 | f16 | bf16 | q8_0 | q4_0")
     parser.add_argument("--repeats", type=int, default=1, help="rounds per level with --peer llama-server (medians)")
+    parser.add_argument("--adapters", type=int, default=4, help="LoRA adapters with --peer one-adapter")
+    parser.add_argument("--conversations", type=int, default=3, help="chats with --peer prefix-cache-off (medians)")
+    parser.add_argument("--turns", type=int, default=5, help="turns per chat with --peer prefix-cache-off")
+    parser.add_argument("--system-repeats", type=int, default=3,
+                        help="how many times the notes are repeated in the system prompt (its length)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     header = {"benchmark": "serve_load", "date": time.strftime("%Y-%m-%d"),
               "hardware": f"{os.cpu_count()} CPU cores (no GPU)", "loadavg_before": [round(x, 2) for x in os.getloadavg()],
               "model": {"preset": args.preset, "max_tokens": args.max_tokens},
               "server_threads": args.threads or "default"}
-    if args.peer == "llama-server":
-        report = {**header, **compare_llama_server(args, levels)}
+    if args.peer != "batching-off":
+        compare = {"llama-server": lambda: compare_llama_server(args, levels),
+                   "prefix-cache-off": lambda: compare_prefix_cache(args),
+                   "one-adapter": lambda: compare_adapters(args, levels)}[args.peer]()
+        report = {**header, **compare}
         report["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         print(json.dumps(report, indent=2))
         return

@@ -20,6 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrency", type=int, default=8,
                         help="sequences decoded together in the running batch (KV cache rows)")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting sequences before 429 + Retry-After")
+    parser.add_argument("--prefix-cache-mb", type=float, default=256.0, metavar="MB",
+                        help="memory for the keys/values of prompt prefixes that requests share (a system prompt, "
+                             "a chat's history), reused instead of recomputed; least recently used blocks go first "
+                             "(default 256; 0 turns prefix caching off)")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                        help="serve a LoRA adapter (PEFT layout, as `gptforge finetune --method lora` writes it) "
+                             "beside the model as `model: NAME`; repeatable, and requests for different adapters "
+                             "are batched together")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cut off")
     parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
     parser.add_argument("--rate-limit-rpm", type=int, default=None, help="requests per minute per API key")
@@ -63,18 +71,24 @@ def run(args: argparse.Namespace) -> int:
                         ("--port", args.port)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not args.prefix_cache_mb >= 0:
+        raise ValueError(f"--prefix-cache-mb must be >= 0 (0 turns the prefix cache off), got {args.prefix_cache_mb}")
     if not args.feedback_retention > 0:
         raise ValueError(f"--feedback-retention must be a positive number of seconds, got {args.feedback_retention}")
     # Leave one core to the HTTP event loop: OpenMP workers spin between matmuls, and an event loop
     # starved of a core streams tokens many times slower (measured: 20x on a busy 2-core host).
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
+    from ..serve.multi_lora import parse_lora_flags
+
+    model_name = args.served_model_name or served_name(model_dir)
+    lora = parse_lora_flags(args.lora, model_name)
     options = ServerOptions(
-        model_name=args.served_model_name or served_name(model_dir),
+        model_name=model_name, lora=lora,
         api_keys=collect_keys(args.api_key, args.api_keys_file),
         max_batch=args.max_concurrency, max_queue=args.max_queue, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, requests_per_minute=args.rate_limit_rpm,
         tokens_per_minute=args.rate_limit_tpm, redact_pii=args.redact_pii, moderation=args.moderation,
-        embedding_pooling=args.embedding_pooling, feedback_db=_feedback_db(args, model_dir),
+        embedding_pooling=args.embedding_pooling, prefix_cache_mb=args.prefix_cache_mb, feedback_db=_feedback_db(args, model_dir),
         feedback_retention=args.feedback_retention)
     app = create_app(load_model_dir(model_dir, args.dtype), options)
     print(f"gptforge serve: {options.model_name} on http://{args.host}:{args.port} "

@@ -49,6 +49,8 @@ class ServerOptions:
     redact_pii: str = "off"  # off | logs | content (content also masks logs)
     moderation: Optional[str] = None  # a gptforge.safety policy YAML for prompts and outputs
     embedding_pooling: str = "last"  # last | mean (serving_embeddings.py says why "last")
+    prefix_cache_mb: float = 256.0  # keys/values of shared prompt prefixes kept for reuse (0: off)
+    lora: dict[str, str] = field(default_factory=dict)  # LoRA adapters served beside the model: name -> directory
     log_json: bool = True
     feedback_db: Optional[str] = None  # a SQLite file or database URL for POST /v1/feedback (None: off)
     feedback_retention: float = 86_400.0  # seconds a response is kept so that feedback can name its id
@@ -249,8 +251,14 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
             model, tokenizer = loader()
             if tokenizer is None:
                 raise ValueError("the model directory has no tokenizer.json: the server needs a tokenizer")
+            adapters = None
+            if options.lora:
+                from .multi_lora import attach_adapters
+
+                adapters = attach_adapters(model, options.lora)
             engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
-                            request_timeout=options.request_timeout, metrics=state.metrics)
+                            request_timeout=options.request_timeout, metrics=state.metrics,
+                            prefix_cache_bytes=int(options.prefix_cache_mb * 1024 * 1024), adapters=adapters)
             state.engine = engine
             if state.feedback is not None:
                 state.feedback.tokenizer = tokenizer
@@ -266,7 +274,7 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
                                             **common))
             log.info("model %s ready", options.model_name,
                      extra={"fields": {"params": model.num_params(), "block_size": engine.block_size,
-                                       "max_batch": options.max_batch}})
+                                       "max_batch": options.max_batch, "lora_adapters": list(options.lora)}})
         except BaseException as exc:  # reported by /health and the log; `gptforge serve` then exits non-zero
             state.load_error = exc
             log.error("model failed to load: %s", exc, exc_info=not isinstance(exc, GptforgeError))

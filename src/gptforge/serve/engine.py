@@ -7,6 +7,14 @@ gathering rows. Between decode steps the scheduler drops cancelled or timed-out 
 waiting ones (prefilling each into a free row), then runs ONE forward over all running rows, so
 requests that arrive mid-generation join the batch at the next step.
 
+Prefix caching (`prefix_cache.py`): on admission, the longest run of 16-token blocks of the prompt that
+an earlier sequence computed is copied from the store into the row, and only the rest is prefilled (the
+last prompt token always runs: its logits start the reply). A sequence's blocks are stored after its
+prefill (the prompt's) and when it ends (prompt and reply, so the next turn of a chat finds its history).
+
+LoRA adapters (`multi_lora.py`): each sequence names its adapter slot; every forward tells the adapted
+linears which adapter each row uses, so sequences of different adapters share the batch.
+
 Isolation: sampling parameters are per sequence, and an error while prefilling or sampling one
 sequence ends that sequence alone (with an OpenAI-shaped error); the others go on. Each sampled token
 goes through the sequence's `SequenceEmitter` (gptforge.emitter), the same rules `generate` uses.
@@ -31,6 +39,9 @@ from ..emitter import SequenceEmitter, TopLogprobs
 from ..sampling import SamplingParams, make_generator, process_logits, sample_next_token, token_logprobs
 from .errors import APIError
 from .metrics import ServerMetrics
+from .prefix_cache import KVBlock, PrefixCache
+
+DEFAULT_PREFIX_CACHE_BYTES = 256 * 1024 * 1024
 
 log = logging.getLogger("gptforge.serve.engine")
 
@@ -72,6 +83,7 @@ class SeqEvent:
     finish_reason: Optional[str] = None
     prompt_logprobs: Optional[PromptLogprobs] = None
     error: Optional[APIError] = None
+    cached_tokens: Optional[int] = None  # on the last event: prompt tokens whose keys/values came from the prefix cache
 
 
 @dataclass
@@ -87,6 +99,7 @@ class SequenceRequest:
     stop_token_ids: tuple[int, ...] = ()  # end-of-sequence ids (ignored under a constraint: it decides the end)
     hidden_prefix: str = ""  # token healing: prompt text the first tokens re-spell, dropped from the output
     healing: bool = False  # the constraint is token healing (a prefix rule, not an end rule)
+    adapter: int = 0  # LoRA adapter slot (multi_lora.AdapterSet); 0: the base model
 
 
 Sink = Callable[[list[SeqEvent]], None]
@@ -106,6 +119,10 @@ class _Sequence:
     last_token: int = 0
     last_token_time: float = 0.0
     events: list[SeqEvent] = field(default_factory=list)
+    failed: bool = False  # its cache row may hold garbage: nothing of it goes to the prefix cache
+    cached_tokens: int = 0
+    sampled_ids: list[int] = field(default_factory=list)  # every sampled token, end-of-sequence included
+    digests: list[bytes] = field(default_factory=list)  # prefix-cache names of its full blocks so far
 
     @property
     def length(self) -> int:
@@ -135,7 +152,8 @@ class Engine:
     """Continuous-batching text generation over one model (see module docstring)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch: int = 8, max_queue: int = 64,
-                 request_timeout: float = 600.0, metrics: Optional[ServerMetrics] = None) -> None:
+                 request_timeout: float = 600.0, metrics: Optional[ServerMetrics] = None,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, adapters: Any = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.block_size = model.config.block_size
@@ -157,6 +175,9 @@ class Engine:
         self.steps = 0
         model.setup_cache(max_batch, self.block_size)
         self._caches = [block.attn.kv_cache for block in model.blocks]
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.adapters = adapters  # a multi_lora.AdapterSet, or None
+        self.metrics.prefix_cache_capacity.set(prefix_cache_bytes)
         self._thread = threading.Thread(target=self._loop, name="gptforge-engine", daemon=True)
         self._thread.start()
 
@@ -284,15 +305,71 @@ class Engine:
                                            else int(torch.randint(0, 2**62, ()).item()))
         n = len(req.prompt_ids)
         self.metrics.prompt_tokens.inc(n)
-        ids = torch.tensor([req.prompt_ids], dtype=torch.long)
-        logits = self.model(ids, cache_slots=torch.arange(n), cache_rows=slice(seq.row, seq.row + 1),
-                            kv_len=n, last_only=not req.prompt_logprobs)  # (1, n or 1, V)
+        start = self._reuse_prefix(seq)
+        ids = torch.tensor([req.prompt_ids[start:]], dtype=torch.long)
+        logits = self._forward([req.adapter], ids, cache_slots=torch.arange(start, n),
+                               cache_rows=slice(seq.row, seq.row + 1), kv_len=n,
+                               last_only=not req.prompt_logprobs)  # (1, n - start or 1, V)
+        self._store_prefix(seq, req.prompt_ids)
         if req.prompt_logprobs:
             self._event(seq, SeqEvent(req.index, prompt_logprobs=self._prompt_logprobs(req, logits[0])))
         if req.max_tokens == 0:
             self._finish(seq, "length")
             return
         self._sample([seq], logits[:, -1])
+
+    def _forward(self, adapters: list[int], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The model's forward with each row's LoRA adapter selected (the base model again afterwards)."""
+        if self.adapters is None:
+            return self.model(*args, **kwargs)
+        self.adapters.select(adapters)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.adapters.select(None)  # other work between steps (embeddings) sees the base model
+
+    # ---- prefix cache -----------------------------------------------------------------------
+    def _reuse_prefix(self, seq: _Sequence) -> int:
+        """Copy the cached blocks that start the prompt into the sequence's row; how many tokens they cover."""
+        cache = self.prefix_cache
+        if cache is None:
+            return 0
+        ids = seq.req.prompt_ids
+        seq.digests = cache.digests(ids, namespace=str(seq.req.adapter))  # each adapter has its own keys/values
+        if seq.req.prompt_logprobs:  # every prompt token's logits are needed: nothing may be skipped
+            return 0
+        self.metrics.prefix_cache_queries.inc(len(ids))
+        hits = cache.lookup(seq.digests[:(len(ids) - 1) // cache.block_tokens])  # the last token always runs
+        if not hits:
+            return 0
+        t = len(hits) * cache.block_tokens
+        k = torch.cat([b.k for b in hits], dim=2)  # (L, Hkv, t, D)
+        v = torch.cat([b.v for b in hits], dim=2)
+        for layer, kv in enumerate(self._caches):
+            kv.k[seq.row, :, :t] = k[layer]
+            kv.v[seq.row, :, :t] = v[layer]
+        seq.cached_tokens = t
+        self.metrics.prefix_cache_hits.inc(t)
+        return t
+
+    def _store_prefix(self, seq: _Sequence, ids: list[int]) -> None:
+        """Put the full blocks of `ids` (tokens whose keys/values fill the row from slot 0) in the cache."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        try:  # a cache is an optimisation: failing to fill it must not fail the sequence
+            seq.digests = cache.digests(ids, seq.digests, namespace=str(seq.req.adapter))
+            b = cache.block_tokens
+            new = {}
+            for i, d in enumerate(seq.digests):
+                if d not in cache:
+                    s = i * b
+                    new[d] = KVBlock(torch.stack([kv.k[seq.row, :, s:s + b] for kv in self._caches]),
+                                     torch.stack([kv.v[seq.row, :, s:s + b] for kv in self._caches]))
+            cache.insert(seq.digests, new)
+            self.metrics.prefix_cache_bytes.set(cache.bytes)
+        except Exception:
+            log.exception("storing a prefix in the prefix cache failed")
 
     def _prompt_logprobs(self, req: SequenceRequest, logits: torch.Tensor) -> PromptLogprobs:
         ids = req.prompt_ids
@@ -312,7 +389,8 @@ class Engine:
         tokens = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long)  # (n, 1)
         slots = torch.tensor([[s.length - 1] for s in seqs], dtype=torch.long)  # (n, 1)
         kv_len = max(s.length for s in seqs)
-        logits = self.model(tokens, cache_slots=slots, cache_rows=slice(0, n), kv_len=kv_len)[:, -1]  # (n, V)
+        logits = self._forward([s.req.adapter for s in seqs], tokens, cache_slots=slots, cache_rows=slice(0, n),
+                               kv_len=kv_len)[:, -1]  # (n, V)
         self._sample(list(seqs), logits)
 
     # ---- sampling ---------------------------------------------------------------------------
@@ -372,6 +450,7 @@ class Engine:
         first = seq.emitter.sampled == 0
         out = seq.emitter.push(token, lp, top)
         seq.last_token = token
+        seq.sampled_ids.append(token)
         self.metrics.generation_tokens.inc()
         if first:
             self.metrics.ttft.observe(now - seq.arrived)
@@ -397,6 +476,8 @@ class Engine:
 
     # ---- finishing --------------------------------------------------------------------------
     def _event(self, seq: _Sequence, event: SeqEvent) -> None:
+        if event.finish_reason is not None:
+            event.cached_tokens = seq.cached_tokens
         if not seq.events:
             self._pending.append(seq)
         seq.events.append(event)
@@ -420,6 +501,7 @@ class Engine:
         self._release(seq)
 
     def _fail(self, seq: _Sequence, error: APIError) -> None:
+        seq.failed = True
         self._event(seq, SeqEvent(seq.req.index, error=error))
         self._release(seq)
 
@@ -430,6 +512,9 @@ class Engine:
         seq.finished = True
         if seq.row < 0 or seq not in self._running:
             return
+        if not seq.failed:  # its prompt and reply, for the next turn of a conversation
+            filled = seq.length - 1 if seq.sampled_ids else len(seq.req.prompt_ids)  # the last token is never fed
+            self._store_prefix(seq, (seq.req.prompt_ids + seq.sampled_ids)[:filled])
         row, last = seq.row, len(self._running) - 1
         moved = self._running[last]
         if row != last:

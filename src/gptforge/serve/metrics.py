@@ -32,6 +32,15 @@ class ServerMetrics:
         self.waiting = Gauge("gptforge_requests_waiting", "Sequences waiting for a batch slot", registry=r)
         self.queue_capacity = Gauge("gptforge_queue_capacity", "Maximum waiting sequences", registry=r)
         self.batch_capacity = Gauge("gptforge_batch_capacity", "Maximum running sequences", registry=r)
+        # Hit rate: rate(gptforge_prefix_cache_hits_total) / rate(gptforge_prefix_cache_queries_total).
+        self.prefix_cache_queries = Counter("gptforge_prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache", registry=r)
+        self.prefix_cache_hits = Counter("gptforge_prefix_cache_hits",
+                                         "Prompt tokens whose keys/values came from the prefix cache", registry=r)
+        self.prefix_cache_bytes = Gauge("gptforge_prefix_cache_bytes", "Bytes of keys/values held by the prefix cache",
+                                        registry=r)
+        self.prefix_cache_capacity = Gauge("gptforge_prefix_cache_capacity_bytes",
+                                           "The prefix cache's byte budget (0: off)", registry=r)
 
     def render(self) -> bytes:
         """The text exposition format."""

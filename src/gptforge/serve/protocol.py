@@ -189,10 +189,15 @@ class ChatCompletionRequest(BaseModel):
     structured_outputs: Optional[StructuredOutputs] = None
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -327,6 +332,8 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     object: Literal["model"] = "model"
     owned_by: str = "gptforge"
+    root: Optional[str] = None  # extension (vLLM's): what the model is, a LoRA adapter's directory
+    parent: Optional[str] = None  # extension (vLLM's): the base model of a LoRA adapter
     max_model_len: Optional[int] = None  # extension
 
 

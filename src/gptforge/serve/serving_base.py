@@ -24,7 +24,7 @@ from .engine import Engine, PromptLogprobs, RequestHandle, SeqEvent, SequenceReq
 from .errors import APIError, invalid_param
 from .grammar import GrammarConstraint, GrammarEngine, GrammarSpec
 from .pii import mask_pii
-from .protocol import Usage
+from .protocol import PromptTokensDetails, Usage
 from .ratelimit import RateLimiter
 
 DISCONNECT_POLL_S = 0.25
@@ -48,6 +48,7 @@ class SequenceResult:
     top_logprobs: list[Any] = field(default_factory=list)
     finish_reason: Optional[str] = None
     prompt_logprobs: Optional[PromptLogprobs] = None
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Prepared:
     sequences: list[SequenceRequest]
     max_tokens: int
     blocked: bool = False  # the moderation policy refused the input: answer with the refusal, generate nothing
+    model: str = ""  # the model the request named (the base model or a LoRA adapter): responses echo it
     tool_names: frozenset[str] = frozenset()  # chat with tools: these calls are parsed out of the output
 
 
@@ -92,13 +94,26 @@ class ServingBase:
         self._grammars = grammars
 
     # ---- checks -------------------------------------------------------------------------------
-    def check_model(self, model: Optional[str], required: bool = True) -> None:
-        """404 unless `model` names the served model (None passes when not required)."""
+    @property
+    def adapter_slots(self) -> dict[str, int]:
+        """LoRA adapters served beside the base model, by name (`gptforge serve --lora NAME=DIR`)."""
+        adapters = getattr(self.engine, "adapters", None)
+        return adapters.slots if adapters is not None else {}
+
+    def check_model(self, model: Optional[str], required: bool = True, adapters: bool = True) -> int:
+        """The adapter slot `model` names (0: the served model itself); 404 when it names neither (None
+        passes when not required); with `adapters` False only the base model is accepted."""
         if model is None and not required:
-            return
-        if model != self.model_name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
+            return 0
+        if model == self.model_name:
+            return 0
+        slot = self.adapter_slots.get(model) if adapters else None
+        if slot is None:
+            others = f" and the LoRA adapters {sorted(self.adapter_slots)}" if self.adapter_slots else ""
+            where = "" if adapters or not self.adapter_slots else " (this endpoint uses the base model alone)"
+            raise APIError(404, f"The model '{model}' does not exist{where}; this server serves "
+                           f"'{self.model_name}'{others}", param="model", code="model_not_found")
+        return slot
 
     def check_token_ids(self, ids: Sequence[int], param: str, within_context: bool = True) -> None:
         if within_context and len(ids) > self.block_size:
@@ -227,10 +242,15 @@ class ServingBase:
         self.rate_limiter.admit_tokens(key_id, tokens)
         return tokens
 
-    def usage(self, prep: Prepared, completion_tokens: int) -> Usage:
+    def usage(self, prep: Prepared, completion_tokens: int, cached: Optional[dict[int, int]] = None) -> Usage:
+        """Usage of a request; `cached`: prefix-cache tokens by sequence index (a prompt counts its first
+        choice's, the one admitted first, as its choices share the prompt)."""
         prompt_tokens = sum(len(p) for p in prep.prompts)
+        per_prompt = max(1, len(prep.sequences) // max(1, len(prep.prompts)))
+        cached_tokens = sum((cached or {}).get(p * per_prompt, 0) for p in range(len(prep.prompts)))
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+                     total_tokens=prompt_tokens + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
     def account(self, key_id: str, estimate: int, usage: Usage, request: Request) -> None:
         self.rate_limiter.adjust(key_id, estimate, usage.prompt_tokens + usage.completion_tokens)
@@ -325,6 +345,7 @@ class ServingBase:
                 res.top_logprobs.append(ev.top_logprobs)
             if ev.finish_reason is not None:
                 res.finish_reason = ev.finish_reason
+                res.cached_tokens = ev.cached_tokens or 0
                 if ev.finish_reason == CONTENT_FILTER:
                     res.text = self.moderator.refusal  # a blocked output is replaced, not truncated
         return results

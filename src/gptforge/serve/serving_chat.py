@@ -54,7 +54,7 @@ class ChatServing(ServingBase):
 
     async def prepare(self, body: ChatCompletionRequest, key_id: str) -> Prepared:
         """Validate (cheap checks first), count the request, render and tokenize off the loop, compile grammars."""
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         if body.top_logprobs and not body.logprobs:
             raise invalid_param("top_logprobs", "top_logprobs requires logprobs to be true")
         if body.n > self.engine.max_queue:
@@ -71,12 +71,12 @@ class ChatServing(ServingBase):
         constraints = await self.constraints(spec, body.n)
         params = self.sampling_params(body, max_tokens, body.top_logprobs or 0, body.logprobs)
         seqs = [SequenceRequest(index=j, prompt_ids=ids, max_tokens=max_tokens, stop_token_ids=self.stop_ids,
-                                constraint=constraints[j],
+                                constraint=constraints[j], adapter=adapter,
                                 params=params if body.seed is None else params.replace(seed=body.seed + j))
                 for j in range(body.n)]
         blocked = self.moderator is not None and not self.moderator.check_messages(messages)
         names = frozenset(t.function.name for t in body.tools) if body.tools and choice != "none" else frozenset()
-        return Prepared([ids], [text], seqs, max_tokens, blocked, tool_names=names)
+        return Prepared([ids], [text], seqs, max_tokens, blocked, tool_names=names, model=body.model)
 
     def _tool_plan(self, body: ChatCompletionRequest) -> tuple[str, Optional[GrammarSpec], list[str]]:
         """(tool choice, the output grammar or None, the tools' parameter schemas) after the cheap checks."""
@@ -138,10 +138,11 @@ class ChatServing(ServingBase):
                                        tool_calls=[self._tool_call(c) for c in calls] or None)
             finish = "tool_calls" if calls and res.finish_reason == "stop" else res.finish_reason
             choices.append(ChatChoice(finish_reason=finish, index=seq.index, logprobs=logprobs, message=message))
-        usage = self.usage(prep, sum(len(r.token_ids) for r in results.values()))
+        usage = self.usage(prep, sum(len(r.token_ids) for r in results.values()),
+                           {i: r.cached_tokens for i, r in results.items()})
         self.account(key_id, estimate, usage, request)
         return to_jsonable(ChatCompletionResponse(id=request_id, choices=choices, created=created,
-                                                  model=self.model_name, usage=usage))
+                                                  model=prep.model, usage=usage))
 
     def _tool_call(self, call: ParsedCall) -> ToolCall:
         return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=self.output_text(call.arguments)))
@@ -152,7 +153,7 @@ class ChatServing(ServingBase):
         redactors = {s.index: StreamRedactor() for s in prep.sequences} if self.redact_content else {}
 
         def chunk(choices: list[ChatChunkChoice], usage: Optional[Usage] = None) -> str:
-            payload = ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices,
+            payload = ChatCompletionChunk(id=request_id, created=created, model=prep.model, choices=choices,
                                           usage=usage)
             data = to_jsonable(payload)
             if usage is None and include_usage:
@@ -160,6 +161,7 @@ class ChatServing(ServingBase):
             return f"data: {json.dumps(data)}\n\n"
 
         completion_tokens = 0
+        cached: dict[int, int] = {}
         parsers = {s.index: ToolCallStream(set(prep.tool_names)) for s in prep.sequences} if prep.tool_names else {}
         calls_made = {s.index: 0 for s in prep.sequences}
         try:
@@ -192,9 +194,10 @@ class ChatServing(ServingBase):
                         calls_made[ev.index] += 1
                     yield chunk([ChatChunkChoice(index=ev.index, delta=Delta(tool_calls=deltas))])
                 if ev.finish_reason is not None:
+                    cached[ev.index] = ev.cached_tokens or 0
                     finish = "tool_calls" if calls_made[ev.index] and ev.finish_reason == "stop" else ev.finish_reason
                     yield chunk([ChatChunkChoice(index=ev.index, delta=Delta(), finish_reason=finish)])
-            usage = self.usage(prep, completion_tokens)
+            usage = self.usage(prep, completion_tokens, cached)
             self.account(key_id, estimate, usage, request)
             if include_usage:
                 yield chunk([], usage)

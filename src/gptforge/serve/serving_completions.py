@@ -25,7 +25,7 @@ class CompletionServing(ServingBase):
 
     async def prepare(self, body: CompletionRequest, key_id: str) -> Prepared:
         """Validate (cheap checks first), count the request, tokenize off the loop, build the sequences."""
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         if body.suffix:
             raise invalid_param("suffix", "suffix (insertion) is not supported by this model")
         if body.best_of is not None and body.best_of != body.n:
@@ -59,6 +59,7 @@ class CompletionServing(ServingBase):
                 seq_params = params if body.seed is None else params.replace(seed=body.seed + j)
                 seq = self._sequence(i * body.n + j, p, seq_params, max_tokens,
                                      body.echo and body.logprobs is not None, constraints[i * body.n + j])
+                seq.adapter = adapter
                 if healed[i] is not None:
                     seq.prompt_ids, seq.hidden_prefix = healed[i].prompt_ids, healed[i].hidden_text
                     seq.constraint, seq.healing = healed[i].constraint(), True
@@ -66,7 +67,7 @@ class CompletionServing(ServingBase):
         blocked = self.moderator is not None and any(
             not self.moderator.check_input(t if t is not None else self.tokenizer.decode(p))
             for t, p in zip(texts, prompts))
-        return Prepared(prompts, texts, seqs, max_tokens, blocked)
+        return Prepared(prompts, texts, seqs, max_tokens, blocked, model=body.model)
 
     @staticmethod
     def _prompt_list(prompt: Any) -> list:
@@ -104,10 +105,11 @@ class CompletionServing(ServingBase):
             return self._stream(body, prep, sub, request, request_id, created, key_id, estimate)
         results = await self.collect(prep, sub, request)
         choices = [self._choice(body, prep, results[seq.index]) for seq in prep.sequences]
-        usage = self.usage(prep, sum(len(r.token_ids) for r in results.values()))
+        usage = self.usage(prep, sum(len(r.token_ids) for r in results.values()),
+                           {i: r.cached_tokens for i, r in results.items()})
         self.account(key_id, estimate, usage, request)
         return to_jsonable(CompletionResponse(id=request_id, choices=choices, created=created,
-                                              model=self.model_name, usage=usage))
+                                              model=prep.model, usage=usage))
 
     def _choice(self, body: CompletionRequest, prep: Prepared, res: SequenceResult) -> CompletionChoice:
         prompt_idx = res.index // body.n
@@ -152,11 +154,12 @@ class CompletionServing(ServingBase):
     async def _stream(self, body: CompletionRequest, prep: Prepared, sub: Submission, request: Request,
                       request_id: str, created: int, key_id: str, estimate: int) -> AsyncIterator[str]:
         completion_tokens = 0
+        cached: dict[int, int] = {}
         redactors = {s.index: StreamRedactor() for s in prep.sequences} if self.redact_content else {}
         offsets = {s.index: 0 for s in prep.sequences}
 
         def chunk(index: int, text: str, finish: Optional[str], logprobs: Optional[CompletionLogprobs]) -> str:
-            payload = CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[
+            payload = CompletionResponse(id=request_id, created=created, model=prep.model, choices=[
                 CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)])
             return f"data: {json.dumps(to_jsonable(payload))}\n\n"
 
@@ -182,12 +185,14 @@ class CompletionServing(ServingBase):
                     offsets[ev.index] += sum(len(t) for t in logprobs.tokens)
                 if ev.token_id is not None:
                     completion_tokens += 1
+                if ev.finish_reason is not None:
+                    cached[ev.index] = ev.cached_tokens or 0
                 if text or ev.finish_reason is not None or logprobs is not None:
                     yield chunk(ev.index, text, ev.finish_reason, logprobs)
-            usage = self.usage(prep, completion_tokens)
+            usage = self.usage(prep, completion_tokens, cached)
             self.account(key_id, estimate, usage, request)
             if body.stream_options and body.stream_options.include_usage:
-                payload = CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[],
+                payload = CompletionResponse(id=request_id, created=created, model=prep.model, choices=[],
                                              usage=usage)
                 yield f"data: {json.dumps(to_jsonable(payload))}\n\n"
             yield "data: [DONE]\n\n"

@@ -81,7 +81,7 @@ class EmbeddingServing(ServingBase):
 
     async def create(self, body: EmbeddingRequest, request: Request, key_id: str) -> dict[str, Any]:
         """The response dict: one embedding per input, in input order."""
-        self.check_model(body.model)
+        self.check_model(body.model, adapters=False)
         if body.dimensions is not None and body.dimensions != self.dimensions:
             raise invalid_param("dimensions", f"this model's embeddings have {self.dimensions} dimensions; "
                                 "shortening them is not supported")

@@ -17,11 +17,16 @@ class TokenizeServing(ServingBase):
     """Tokenize, detokenize, tokenizer info and models."""
 
     def models(self) -> dict[str, Any]:
-        return to_jsonable(ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.block_size)]))
+        cards = [ModelCard(id=self.model_name, max_model_len=self.block_size)]
+        adapters = getattr(self.engine, "adapters", None)
+        for name in (adapters.names if adapters is not None else []):
+            cards.append(ModelCard(id=name, root=str(adapters.directories.get(name, "")) or None,
+                                   parent=self.model_name, max_model_len=self.block_size))
+        return to_jsonable(ModelList(data=cards))
 
     def model(self, model_id: str) -> dict[str, Any]:
-        self.check_model(model_id)
-        return self.models()["data"][0]
+        slot = self.check_model(model_id)
+        return self.models()["data"][slot]
 
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         self.check_model(req.model, required=False)
