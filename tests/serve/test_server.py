@@ -396,8 +396,10 @@ def test_chat_page_in_headless_chromium(server, client, tmp_path):
         driver.get(f"{server.base}/")  # the page itself loads without a key...
         wait.until(lambda d: by_id("model-name").text == "enter your API key")  # ...but the API needs one
         assert "needs an API key" in by_id("error").text
+        assert not by_id("compare-label").is_displayed()  # no feedback controls until GET /v1/feedback says so
         set_value("api-key", API_KEY)
         wait.until(lambda d: by_id("model-name").text == MODEL_NAME)
+        wait.until(lambda d: by_id("compare-label").is_displayed())
         set_value("system-prompt", "Be brief.")
         set_value("temperature", "0")
         set_value("max-tokens", "12")

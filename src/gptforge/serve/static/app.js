@@ -96,7 +96,6 @@ async function loadFeedbackSettings() {
   } catch (e) { on = false; }
   feedbackOn = on;
   $("compare-label").hidden = !on;
-  document.body.classList.toggle("feedback-on", on);
 }
 
 // A thumb drawn inline (emoji fonts are missing on many servers and kiosks); thumbs down is it turned over.
@@ -174,7 +173,7 @@ function addFeedbackControls(turn, index) {
   const edit = button("Better answer…", "Write a better answer", () => { form.hidden = !form.hidden; });
   edit.classList.add("edit-toggle");
   box.append(up, down, edit);
-  if (turn.answers.length === 2) {
+  if (turn.answers.length === 2 && turn.answers.every(Boolean)) {  // (a stopped stream may leave one empty)
     const pick = button(`${"AB"[index]} is better`, `Answer ${"AB"[index]} is the better one`, () => {
       const picks = turn.wrappers.map((w) => w.querySelector(".pick"));
       submit(box, picks, { chosen_index: index }, turn, () => {
