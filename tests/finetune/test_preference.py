@@ -4,6 +4,7 @@ import contextlib
 import copy
 import json
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,10 +17,11 @@ from gptforge.data.records import Record
 from gptforge.data.sft import Example
 from gptforge.errors import ConfigError, DataError
 from gptforge.finetune.preference import PreferenceObjective, PreferenceSettings, ReferenceModel, sequence_logps
-from gptforge.finetune.recipe import recipe_from_dict
+from gptforge.finetune.recipe import load_recipe, recipe_from_dict
 from gptforge.finetune.runner import finetune
 
 transformers = pytest.importorskip("transformers")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def arithmetic_pairs(n: int, seed: int) -> list[dict]:
@@ -264,3 +266,32 @@ def test_cli_preference_run_prefers_the_chosen_answers(base_model, tmp_path, cap
 
     model, tok = load_finetuned(out / "model")  # adapter or full model: loads for serving
     assert tok is not None and model is not None
+
+
+def test_dpo_feedback_recipe_trains_on_exported_feedback(base_model, tmp_path, capsys):
+    """configs/dpo-feedback.yaml: LoRA DPO from what `gptforge feedback export` writes (chat prompts), via the CLI."""
+    from gptforge.feedback.store import Feedback, FeedbackStore
+
+    recipe_path = REPO / "configs" / "dpo-feedback.yaml"
+    recipe = load_recipe(recipe_path, model=str(base_model), data_files=["prefs.jsonl"])
+    assert (recipe.method, recipe.objective, recipe.tasks[0].format) == ("lora", "dpo", "preference")
+    assert recipe.preference.beta == 0.1 and recipe.preference.loss == "sigmoid" and recipe.train.lr == 1e-4
+    store = FeedbackStore.open(tmp_path / "feedback.db")
+    try:
+        for pair in arithmetic_pairs(12, 0):  # side-by-side picks on the chat page
+            store.record(Feedback(model="m", endpoint="chat", prompt=[{"role": "user", "content": pair["prompt"]}],
+                                  completions=[pair["rejected"], pair["chosen"]], chosen=pair["chosen"],
+                                  rejected=pair["rejected"]))
+    finally:
+        store.close()
+    prefs, out = tmp_path / "prefs.jsonl", tmp_path / "run"
+    assert main(["feedback", "export", "--db", str(tmp_path / "feedback.db"), "--out", str(prefs)]) == 0
+    code = main(["finetune", "--config", str(recipe_path), "--model", str(base_model), "--data", str(prefs),
+                 "--out", str(out), "--train.max_steps=2", "--train.eval_every=2", "--train.warmup_steps=0",
+                 "--train.progress=false", "--data.batch_size=4", "--data.max_len=40", "--tasks.0.val_fraction=0.25"])
+    assert code == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["objective"] == "dpo" and report["train_pairs"] == 9 and report["val_pairs"] == 3
+    assert {"val_reward_accuracy", "val_reward_margin"} <= set(report["val"])
+    assert (out / "model" / "adapter_model.safetensors").is_file()  # LoRA: the adapters, not a full copy
+    assert (out / "reward_margin.png").stat().st_size > 0

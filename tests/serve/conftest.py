@@ -71,8 +71,8 @@ def reference_model(model_dir):
 
 
 class CLIServer:
-    def __init__(self, proc: subprocess.Popen, base: str, log_path: Path) -> None:
-        self.proc, self.base, self.log_path = proc, base, log_path
+    def __init__(self, proc: subprocess.Popen, base: str, log_path: Path, db: Path) -> None:
+        self.proc, self.base, self.log_path, self.db = proc, base, log_path, db
 
     @property
     def log(self) -> str:
@@ -84,16 +84,17 @@ def server(model_dir, tmp_path_factory):
     """`gptforge serve` as a real process on 127.0.0.1 (API key required)."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
+    db = log_path.parent / "feedback.db"  # the chat page's ratings
     env = {**os.environ, "GPTFORGE_API_KEYS": "sk-env-key", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "gptforge.cli", "serve", "--model", str(model_dir), "--port", str(port),
            "--api-key", API_KEY, "--max-concurrency", "8", "--max-queue", "64", "--max-body-bytes", "65536",
-           "--threads", "1", "--redact-pii", "logs", "--graceful-timeout", "20"]
+           "--threads", "1", "--redact-pii", "logs", "--graceful-timeout", "20", "--feedback-db", str(db)]
     log_file = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, proc=proc)
-        yield CLIServer(proc, base, log_path)
+        yield CLIServer(proc, base, log_path, db)
     finally:
         if proc.poll() is None:
             proc.terminate()

@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
+from gptforge.feedback.store import FeedbackStore
 
 API_KEY = "sk-test-0123456789"  # as configured by conftest.server
 MODEL_NAME = "tiny-chat"  # the model directory's name
@@ -367,7 +368,8 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 @pytest.mark.slow
 def test_chat_page_in_headless_chromium(server, client, tmp_path):
-    """The chat page in Debian's Chromium: API key field, system prompt, sampling controls, streaming, stop."""
+    """The chat page in Debian's Chromium: API key field, system prompt, sampling controls, streaming, stop;
+    and feedback: a thumb, a better answer and the better of two side-by-side answers reach the database."""
     import os
 
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
@@ -394,8 +396,10 @@ def test_chat_page_in_headless_chromium(server, client, tmp_path):
         driver.get(f"{server.base}/")  # the page itself loads without a key...
         wait.until(lambda d: by_id("model-name").text == "enter your API key")  # ...but the API needs one
         assert "needs an API key" in by_id("error").text
+        assert not by_id("compare-label").is_displayed()  # no feedback controls until GET /v1/feedback says so
         set_value("api-key", API_KEY)
         wait.until(lambda d: by_id("model-name").text == MODEL_NAME)
+        wait.until(lambda d: by_id("compare-label").is_displayed())
         set_value("system-prompt", "Be brief.")
         set_value("temperature", "0")
         set_value("max-tokens", "12")
@@ -410,6 +414,20 @@ def test_chat_page_in_headless_chromium(server, client, tmp_path):
             driver.execute_script("return arguments[0].textContent", reply) == expected.choices[0].message.content
         assert reply.get_attribute("data-finish-reason") == expected.choices[0].finish_reason
         assert by_id("error").get_attribute("hidden") is not None
+        # feedback (the server has a --feedback-db): thumbs up, then a better answer, for this reply
+        first_answer = driver.find_element(By.CSS_SELECTOR, ".answer")
+        first_answer.find_element(By.CSS_SELECTOR, ".thumb-up").click()
+        wait.until(lambda d: first_answer.find_element(By.CSS_SELECTOR, ".feedback").get_attribute("data-sent") == "1")
+        first_answer.find_element(By.CSS_SELECTOR, ".edit-toggle").click()
+        better = first_answer.find_element(By.CSS_SELECTOR, ".edit textarea")
+        better.clear()
+        better.send_keys("Hi! How can I help?")
+        first_answer.find_element(By.CSS_SELECTOR, ".edit button[type=submit]").click()
+        wait.until(lambda d: first_answer.find_element(By.CSS_SELECTOR, ".feedback").get_attribute("data-sent") == "2")
+        assert first_answer.find_element(By.CSS_SELECTOR, ".thumb-up").get_attribute("class").split().count("selected")
+        first_text = driver.execute_script("return arguments[0].textContent", reply)
+        first_id = first_answer.get_attribute("data-response-id")
+        assert first_id and first_id.startswith("chatcmpl")
         # a conversation longer than the 128-token context: older turns are left out, every reply arrives
         for i in range(3):
             by_id("prompt").send_keys(f"turn {i}: " + "the quick brown fox " * 3)
@@ -420,6 +438,39 @@ def test_chat_page_in_headless_chromium(server, client, tmp_path):
         assert all(r.get_attribute("data-finish-reason") in ("stop", "length") for r in replies), \
             [(r.get_attribute("data-finish-reason"), r.text, by_id("error").text) for r in replies]
         assert "left out" in by_id("error").text and "128-token context" in by_id("error").text
+        # compare mode: two sampled answers side by side; picking B stores B as chosen and A as rejected
+        by_id("clear").click()
+        by_id("compare").click()
+        set_value("temperature", "1")
+        set_value("max-tokens", "10")
+        by_id("prompt").send_keys("Tell me a story")
+        by_id("send").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".pair .message.assistant[data-done='true']")) == 2)
+        pair = driver.find_element(By.CSS_SELECTOR, ".pair")
+        a_text, b_text = (driver.execute_script("return arguments[0].textContent", m)
+                          for m in pair.find_elements(By.CSS_SELECTOR, ".message.assistant"))
+        pair_id = pair.find_element(By.CSS_SELECTOR, ".answer").get_attribute("data-response-id")
+        pair.find_elements(By.CSS_SELECTOR, ".pick")[1].click()
+        wait.until(lambda d: pair.find_elements(By.CSS_SELECTOR, ".answer.chosen"))
+        assert "chosen" in pair.find_elements(By.CSS_SELECTOR, ".answer")[1].get_attribute("class")
+        driver.set_window_size(1100, 760)
+        driver.save_screenshot(str(tmp_path / "chat-feedback.png"))  # kept with the test's files, for a look
+        assert by_id("error").get_attribute("hidden") is not None, by_id("error").text
+        by_id("compare").click()  # back to one answer per message
+        store = FeedbackStore.open(server.db)
+        try:
+            stored = store.feedback()
+        finally:
+            store.close()
+        rated = [r for r in stored if r.response_id == first_id]
+        assert sorted(((r.rating, r.edited) for r in rated), key=str) == [(1, None), (None, "Hi! How can I help?")], rated
+        assert all(r.completions == [first_text] and r.endpoint == "chat" and r.model == MODEL_NAME and
+                   r.prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+                   for r in rated)
+        (picked,) = [r for r in stored if r.response_id == pair_id]
+        assert (picked.chosen, picked.rejected) == (b_text, a_text) and picked.completions == [a_text, b_text]
+        assert picked.prompt == [{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "Tell me a story"}]
         # the stop button aborts a long reply mid-stream
         by_id("clear").click()  # a new conversation keeps the prompt short
         set_value("max-tokens", "80")
