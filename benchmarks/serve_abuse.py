@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -38,9 +39,17 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def hostile_body(rng: random.Random, model: str) -> tuple[str, bytes]:
-    """(path, raw JSON body) of one hostile request."""
+HOSTILE_KINDS = ("overflow", "surrogate", "null-max-tokens", "megabyte", "stop-strings", "prompt-list", "nan",
+                 "pii-adversarial", "truncated-json", "tiny-temperature")
+
+
+def hostile_body(rng: random.Random, model: str) -> tuple[str, str, bytes]:
+    """(kind, path, raw JSON body) of one hostile request."""
     kind = rng.randrange(10)
+    return (HOSTILE_KINDS[kind], *_hostile(kind, model))
+
+
+def _hostile(kind: int, model: str) -> tuple[str, bytes]:
     if kind == 0:
         body = {"prompt": "Hello", "max_tokens": 20, "seed": 1, "temperature": 1e-37, "presence_penalty": -2,
                 "frequency_penalty": -2}
@@ -74,6 +83,8 @@ async def run(base: str, model: str, n: int, concurrency: int, hostile_share: fl
     rng = random.Random(0)
     semaphore = asyncio.Semaphore(concurrency)
     statuses: collections.Counter = collections.Counter()
+    well_formed: collections.Counter = collections.Counter()  # what the well-formed requests got
+    by_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     good_latency: list[float] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     plan = [rng.random() < hostile_share for _ in range(n)]
@@ -81,8 +92,9 @@ async def run(base: str, model: str, n: int, concurrency: int, hostile_share: fl
         async def one(i: int) -> None:
             hostile = plan[i]
             if hostile:
-                path, data = hostile_body(rng, model)
+                kind, path, data = hostile_body(rng, model)
             else:
+                kind = "well-formed"
                 path = "/v1/completions"
                 data = json.dumps({"model": model, "prompt": f"Once upon a time {i}", "max_tokens": max_tokens,
                                    "temperature": 0.8, "seed": i,
@@ -91,11 +103,13 @@ async def run(base: str, model: str, n: int, concurrency: int, hostile_share: fl
                 started = time.perf_counter()
                 try:
                     r = await client.post(f"{base}{path}", content=data)
-                    statuses[r.status_code] += 1
+                    outcome: Any = r.status_code
                     if not hostile and r.status_code == 200:
                         good_latency.append(time.perf_counter() - started)
                 except httpx.HTTPError as exc:
-                    statuses[type(exc).__name__] += 1
+                    outcome = type(exc).__name__
+                statuses[outcome] += 1
+                (well_formed if kind == "well-formed" else by_kind[kind])[outcome] += 1
 
         started = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(n)))
@@ -103,6 +117,8 @@ async def run(base: str, model: str, n: int, concurrency: int, hostile_share: fl
     good_latency.sort()
     return {"requests": n, "hostile": sum(plan), "wall_s": round(wall, 1),
             "statuses": {str(k): v for k, v in sorted(statuses.items(), key=lambda kv: str(kv[0]))},
+            "by_kind": {k: {str(o): n for o, n in c.items()} for k, c in sorted(by_kind.items())},
+            "well_formed_outcomes": {str(o): n for o, n in well_formed.items()},
             "5xx": sum(v for k, v in statuses.items() if isinstance(k, int) and k >= 500),
             "well_formed_ok": len(good_latency),
             "well_formed_p50_ms": round(1000 * statistics.median(good_latency), 1) if good_latency else None,

@@ -348,8 +348,11 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, graceful
     When the model fails to load, the server stops and this raises the loading error (the CLI exits 2)."""
     import uvicorn
 
+    # Keep idle connections longer than clients keep them in their pools (httpx/openai: 5 s, uvicorn's own
+    # default too): with equal timeouts a client can send on a connection the server is closing, and that
+    # well-formed request fails with a connection error (8 of 10,000 in benchmarks/serve_abuse.py).
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=graceful_timeout, lifespan="on")
+                            timeout_graceful_shutdown=graceful_timeout, timeout_keep_alive=75, lifespan="on")
     server = uvicorn.Server(config)
     state: ServerState = app.state.server
 
