@@ -166,3 +166,61 @@ def test_completions_suffix_with_the_openai_client(fim_server, fim_model, plain_
     assert err.value.body["param"] == "suffix"
     # An empty suffix on a model without FIM tokens is an ordinary completion.
     assert plain.completions.create(model="tiny-chat", prompt="a", suffix="", max_tokens=2).choices[0].text is not None
+
+
+def test_llama_cpp_server_infills_an_exported_model_as_we_do(tmp_path):
+    """llama.cpp's own server ($LLAMACPP_BIN/llama-server) reads the GGUF's FIM keys and, on /infill, builds the
+    prompt we build: its greedy tokens equal ours (same weights, same request)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    from conftest import wait_healthy
+    from gptforge.config import Config
+    from gptforge.fim import FIM_SPECIAL_TOKENS
+    from gptforge.interop.gguf import export_gguf
+    from gptforge.loading import save
+    from gptforge.model import GPT
+    from gptforge.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
+
+    binary = Path(os.environ.get("LLAMACPP_BIN", "")) / "llama-server"
+    if not os.environ.get("LLAMACPP_BIN") or not binary.is_file():
+        pytest.skip("set LLAMACPP_BIN to a folder with llama.cpp's llama-server to run this check")
+    tok = Tokenizer.train_bpe(list(FILES.values()), vocab_size=320,
+                              special_tokens=[*DEFAULT_SPECIAL_TOKENS, *FIM_SPECIAL_TOKENS])
+    torch.manual_seed(0)
+    config = Config.from_name("nano", vocab_size=tok.vocab_size, block_size=128, n_embd=128, n_head=2, init_std=0.2)
+    model = GPT(config).eval()
+    save(tmp_path / "model", model, tok)
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    port = free_port()
+    proc = subprocess.Popen([str(binary), "-m", str(path), "--port", str(port), "-c", "128", "-t", "1", "-np", "1",
+                             "--no-warmup"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    app = create_app(lambda: load(tmp_path / "model"), ServerOptions(model_name="m", api_keys=[KEY]))
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", timeout=60, proc=proc)
+        body = {"input_prefix": PREFIX, "input_suffix": "    return y * 2\n", "prompt": "", "n_predict": 12,
+                "temperature": 0, "top_k": 1, "return_tokens": True, "cache_prompt": False}
+        theirs = httpx.post(f"http://127.0.0.1:{port}/infill", json=body, timeout=60).json()
+        with InProcessServer(app, free_port()) as srv:
+            ours = _post(srv, "/infill", body).json()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert theirs["tokens_evaluated"] == ours["tokens_evaluated"]  # the same prompt length
+    # We also stop at FIM markers (llama.cpp only at end-of-generation tokens): compare what we generated.
+    mine = [t for t in ours["tokens"] if t not in tok.special_ids]
+    assert mine and theirs["tokens"][:len(mine)] == mine
+
+
+def test_indent_limit_on_a_stream_holds_back_a_line_until_its_indent_is_known():
+    from gptforge.serve.serving_infill import IndentLimit
+
+    limit = IndentLimit(4)
+    shown = [limit.push(piece) for piece in ("    a\n", "  ", "  b\n", "  ", "c = 1\n")]
+    assert shown == ["    a\n", "", "    b\n", "", ""]
+    assert limit.hit and limit.text == "    a\n    b\n" and limit.flush() == ""
+    plain = IndentLimit(0)
+    assert [plain.push(p) for p in ("a\n", "  ", "b")] == ["a\n", "  ", "b"] and not plain.hit

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import aclosing
 from types import SimpleNamespace
 from typing import Any, AsyncIterator, Optional
 
@@ -138,14 +139,15 @@ class InfillServing(ServingBase):
         if body.stream:
             return self._stream(body, prep, truncated, sub, request, key_id, estimate, start)
         limit, tokens, finish, first = IndentLimit(body.n_indent), [], None, None
-        async for ev in self.events(sub, request):  # leaving the loop early cancels the sequence
-            first = first or time.perf_counter()
-            limit.push(ev.text)
-            if ev.token_id is not None:
-                tokens.append(ev.token_id)
-            finish = ev.finish_reason or finish
-            if limit.hit or finish is not None:
-                break
+        async with aclosing(self.events(sub, request)) as events:  # closing it early cancels the sequence
+            async for ev in events:
+                first = first or time.perf_counter()
+                limit.push(ev.text)
+                if ev.token_id is not None:
+                    tokens.append(ev.token_id)
+                finish = ev.finish_reason or finish
+                if limit.hit or finish is not None:
+                    break
         limit.flush()
         end = time.perf_counter()
         content = self.moderator.refusal if finish == "content_filter" else self.output_text(limit.text)
@@ -162,18 +164,19 @@ class InfillServing(ServingBase):
             return f"data: {json.dumps(select_fields(payload, body.response_fields))}\n\n"
 
         try:
-            async for ev in self.events(sub, request):
-                first = first or time.perf_counter()
-                shown = limit.push(ev.text)
-                if ev.token_id is not None:
-                    tokens.append(ev.token_id)
-                finish = ev.finish_reason or finish
-                if shown:
-                    yield event({"index": 0, "content": self.output_text(shown), "stop": False, "id_slot": 0,
-                                 "tokens": [ev.token_id] if ev.token_id is not None else [],
-                                 "tokens_predicted": len(tokens), "tokens_evaluated": len(prep.prompts[0])})
-                if limit.hit or finish is not None:
-                    break
+            async with aclosing(self.events(sub, request)) as events:
+                async for ev in events:
+                    first = first or time.perf_counter()
+                    shown = limit.push(ev.text)
+                    if ev.token_id is not None:
+                        tokens.append(ev.token_id)
+                    finish = ev.finish_reason or finish
+                    if shown:
+                        yield event({"index": 0, "content": self.output_text(shown), "stop": False, "id_slot": 0,
+                                     "tokens": [ev.token_id] if ev.token_id is not None else [],
+                                     "tokens_predicted": len(tokens), "tokens_evaluated": len(prep.prompts[0])})
+                    if limit.hit or finish is not None:
+                        break
             tail = limit.flush()
             end = time.perf_counter()
             self.account(key_id, estimate, self.usage(prep, len(tokens)), request)
