@@ -170,6 +170,16 @@ def infill_prompt(tokenizer: Any, prefix: str, suffix: str, *, extra: Sequence[t
     return InfillPrompt(ctx + bos + body, truncated)
 
 
+def fim_prompt_format(tokenizer: Any) -> Optional[str]:
+    """The PSM prompt as a format string over {prefix} and {suffix} in the tokenizer's own FIM token names
+    (the tokenizer matches them in text), or None without FIM tokens: fine-tuning's `code` task uses it."""
+    tokens = fim_tokens(tokenizer)
+    if tokens is None:
+        return None
+    pre, suf, mid = (tokenizer.id_to_token(t) for t in (tokens.prefix, tokens.suffix, tokens.middle))
+    return f"{pre}{{prefix}}{suf}{{suffix}}{mid}"
+
+
 def fim_stop_ids(tokenizer: Any) -> list[int]:
     """FIM markers a model should never produce inside a middle: generation stops at them."""
     tokens = fim_tokens(tokenizer)
@@ -197,4 +207,5 @@ def cut_at_indent(text: str, n_indent: int) -> tuple[str, bool]:
 
 __all__ = ["FIM_PREFIX", "FIM_MIDDLE", "FIM_SUFFIX", "FIM_PAD", "FIM_SPECIAL_TOKENS", "FIM_TOKEN_NAMES",
            "FIM_ORDERS", "FimError", "FimTokens", "InfillPrompt", "fim_tokens", "require_fim_tokens",
-           "split_for_fim", "choose_fim", "fim_training_ids", "infill_prompt", "fim_stop_ids", "cut_at_indent"]
+           "split_for_fim", "choose_fim", "fim_training_ids", "infill_prompt", "fim_prompt_format", "fim_stop_ids",
+           "cut_at_indent"]
