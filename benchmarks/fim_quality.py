@@ -33,6 +33,7 @@ def train(rate: float, args: argparse.Namespace) -> tuple[Path, float]:
     out = Path(args.out) / f"fim{rate}"
     overrides = [f"--train.max_steps={args.steps}", f"--data.max_bytes={args.max_bytes}", f"--data.fim_rate={rate}",
                  f"--data.eval_tokens={args.eval_tokens}", f"--train.eval_every={args.steps}",
+                 f"--data.batch_size={args.batch_size}",
                  f"--train.checkpoint_every={args.steps}", f"--out_dir={out}", "--train.progress=false"]
     recipe = load_recipe(RECIPE, overrides)
     run = pretrain(recipe)
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--max-bytes", type=int, default=1_000_000)
     parser.add_argument("--eval-tokens", type=int, default=30_000)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.5])
     parser.add_argument("--cases", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
@@ -89,7 +91,7 @@ def main() -> None:
     docs = val_documents(args)
     chars = sum(len(d) for d in docs)
     cases = infill_cases(docs, args.cases)
-    report = {"steps": args.steps, "max_bytes": args.max_bytes, "val_documents": len(docs), "runs": []}
+    report = {"steps": args.steps, "batch_size": args.batch_size, "max_bytes": args.max_bytes, "val_documents": len(docs), "runs": []}
     for rate in args.rates:
         started = time.perf_counter()
         run, val_loss = train(rate, args)

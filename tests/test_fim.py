@@ -185,3 +185,15 @@ def test_gguf_export_writes_llama_cpp_fim_keys(tmp_path, fim_tok):
     assert value(keys.FIM_MID_ID) == t.middle
     assert value(keys.FIM_PAD_ID) == t.pad
     assert keys.FIM_SEP_ID not in reader.fields
+
+
+def test_a_tokenizer_with_its_own_fim_tokens_keeps_them(tmp_path):
+    src = _write_corpus(tmp_path / "src")
+    qwen_style = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+    Tokenizer.train_bpe([CODE] * 5, vocab_size=290, special_tokens=qwen_style).save(tmp_path / "tok")
+    corpus = prepare_corpus([str(src)], tmp_path / "o", tokenizer=str(tmp_path / "tok"), split="documents",
+                            fim_rate=1.0, val_fraction=0.1, progress=False)
+    tok = corpus.tokenizer
+    assert tok.token_to_id("<fim_prefix>") is None
+    assert fim_tokens(tok).prefix == tok.token_to_id("<|fim_prefix|>")
+    assert tok.token_to_id("<|fim_prefix|>") in corpus.tokens("train").tolist()

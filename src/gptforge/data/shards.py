@@ -183,7 +183,7 @@ class _CharTable:
 def _make_tokenizer(tokenizer: Any, corpus: Corpus, vocab_size: int, extra_specials: tuple[str, ...] = ()) -> Tokenizer:
     """The corpus tokenizer; `extra_specials` (the FIM tokens) are part of a trained one, added to a given one."""
     if isinstance(tokenizer, Tokenizer):
-        return tokenizer.with_special_tokens(extra_specials)
+        return _add_specials(tokenizer, extra_specials)
     kind = str(tokenizer)
     if kind == "bpe":
         log.info("Training a byte-level BPE tokenizer with a %s-token vocabulary...", f"{vocab_size:,}")
@@ -205,9 +205,16 @@ def _make_tokenizer(tokenizer: Any, corpus: Corpus, vocab_size: int, extra_speci
         return Tokenizer.train_char([''.join(sorted(chars))], special_tokens=[*specials, *extra_specials])
     path = Path(kind)
     if path.exists():
-        return Tokenizer.from_file(path).with_special_tokens(extra_specials)
+        return _add_specials(Tokenizer.from_file(path), extra_specials)
     raise CorpusError(f"tokenizer must be 'bpe', 'char' or a path to a tokenizer.json / folder, got {kind!r} "
                       "(no such path)")
+
+
+def _add_specials(tok: Tokenizer, extra_specials: tuple[str, ...]) -> Tokenizer:
+    """A given tokenizer with the FIM tokens; one that has its own (e.g. Qwen's <|fim_prefix|>) keeps them."""
+    if not extra_specials or fim_tokens(tok) is not None:
+        return tok
+    return tok.with_special_tokens(extra_specials)
 
 
 def _empty_message(corpus: Corpus) -> str:
