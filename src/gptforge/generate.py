@@ -256,11 +256,26 @@ def _heal(prompts: Prompts, token_prompts: list[list[int]], tokenizer: Any,
     return [heal_prompt(tokenizer, ids) if text else None for ids, text in zip(token_prompts, is_text)]
 
 
+def _infill(model: torch.nn.Module, prompts: Prompts, suffix: str, tokenizer: Any, params: SamplingParams,
+            truncate_prompt: bool) -> tuple[list[list[int]], SamplingParams]:
+    """FIM prompts (gptforge.fim) for text prompts before a gap and `suffix` after it; FIM markers also stop."""
+    from .fim import fim_stop_ids, infill_prompt
+
+    texts = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, (list, tuple)) else []
+    if tokenizer is None or not texts or not all(isinstance(p, str) for p in texts):
+        raise ValueError("suffix: filling in the middle needs text prompts and a tokenizer")
+    budget = model.config.block_size - params.max_new_tokens if truncate_prompt else None
+    ids = [infill_prompt(tokenizer, text, suffix, max_prompt_tokens=budget).ids for text in texts]
+    if params.eos_token_id is None:
+        params = params.replace(eos_token_id=sorted({*tokenizer.stop_token_ids(), *fim_stop_ids(tokenizer)}))
+    return ids, params
+
+
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
              params: Optional[SamplingParams] = None, echo: bool = False, truncate_prompt: bool = False,
              skip_special_tokens: bool = True, compile: Optional[bool] = None, token_healing: bool = True,
-             **kwargs: Any) -> list[GenerationOutput]:
+             suffix: Optional[str] = None, **kwargs: Any) -> list[GenerationOutput]:
     """Continue each prompt; returns len(prompts) * num_return_sequences outputs, grouped by prompt.
 
     Parameters are `SamplingParams` fields (max_new_tokens, temperature, top_p, stop, num_beams, ...),
@@ -268,9 +283,14 @@ def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
     `token_healing` (text prompts, sampling and greedy decoding, not with echo) lets the model re-choose
     the prompt's last token (see gptforge.healing); the output text still continues the prompt exactly.
     `compile`: torch.compile the decode step (None: `compile_by_default()`, i.e. `GPTFORGE_COMPILE=1`).
+    `suffix`: fill in the middle: each text prompt is the text before the gap and `suffix` the text after
+    it (the model needs FIM tokens, gptforge.fim); the outputs are the middles.
     """
     compile = compile_by_default() if compile is None else compile
     params = params.replace(**kwargs) if params is not None else SamplingParams.from_kwargs(**kwargs)
+    if suffix is not None:
+        prompts, params = _infill(model, prompts, suffix, tokenizer, params, truncate_prompt)
+        token_healing = False  # the prompt ends in the <fim_middle> marker: nothing to heal
     if params.stop_strings and tokenizer is None:
         raise ValueError("stop: stop strings need a tokenizer to turn tokens into text")
     token_prompts = normalize_prompts(prompts, tokenizer)
@@ -296,7 +316,7 @@ def generate(model: torch.nn.Module, prompts: Prompts, tokenizer: Any = None, *,
 def stream(model: torch.nn.Module, prompt: Prompt, tokenizer: Any = None, *,
            params: Optional[SamplingParams] = None, truncate_prompt: bool = False,
            skip_special_tokens: bool = True, compile: Optional[bool] = None, token_healing: bool = True,
-           **kwargs: Any) -> Iterator[str]:
+           suffix: Optional[str] = None, **kwargs: Any) -> Iterator[str]:
     """Yield text deltas of one continuation as they are decoded.
 
     Deltas never split a multi-byte character, and text that may begin a stop string is held back
@@ -310,6 +330,9 @@ def stream(model: torch.nn.Module, prompt: Prompt, tokenizer: Any = None, *,
         raise ValueError("stream: streaming text needs a tokenizer")
     if not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int):
         raise ValueError("stream: expected one prompt (a string or a list of token ids)")
+    if suffix is not None:
+        (prompt,), params = _infill(model, [prompt], suffix, tokenizer, params, truncate_prompt)
+        token_healing = False
     token_prompts = _fit_context(model, normalize_prompts(prompt, tokenizer), truncate_prompt)
     _check_ids(model, token_prompts)
     prepare_for_decoding(model)

@@ -253,6 +253,16 @@ class Tokenizer:
             backend.add_special_tokens(list(special_tokens))
         return cls(backend, kind="char")
 
+    def with_special_tokens(self, tokens: Sequence[str]) -> "Tokenizer":
+        """This tokenizer, or a copy with those of `tokens` it lacks added as special tokens (new ids at the end)."""
+        missing = [t for t in tokens if self.backend.token_to_id(t) is None]
+        if not missing:
+            return self
+        backend = HFTokenizer.from_str(self.backend.to_str())
+        backend.add_special_tokens(missing)
+        return Tokenizer(backend, eos_token=self.eos_token, bos_token=self.bos_token, pad_token=self.pad_token,
+                         chat_template=self.chat_template, add_bos=self.add_bos, kind=self.kind)
+
     # ---- files ------------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
@@ -294,6 +304,12 @@ class Tokenizer:
         }
         if self.chat_template:
             settings["chat_template"] = self.chat_template
+        # Special tokens beyond eos/bos/pad (e.g. the FIM tokens), as Hugging Face lists them (StarCoder does).
+        named = {self.eos_token, self.bos_token, self.pad_token}
+        extra = [t.content for _, t in sorted(self.backend.get_added_tokens_decoder().items())
+                 if t.special and t.content not in named]
+        if extra:
+            settings["additional_special_tokens"] = extra
         atomic_write_text(directory / "tokenizer_config.json", json.dumps(settings, indent=2))
         return directory
 

@@ -150,3 +150,20 @@ def test_augmentation_is_seeded_and_uses_the_synonym_table():
     assert augment_text(text, AugmentConfig(), random.Random(0)) == text
     with pytest.raises(ValueError, match="'deletion'"):
         AugmentConfig(deletion=1.5).validate()
+
+
+def test_code_task_uses_the_models_fim_tokens_as_serving_does():
+    from gptforge.fim import FIM_SPECIAL_TOKENS, fim_prompt_format, infill_prompt
+    from gptforge.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
+
+    tok = Tokenizer.train_bpe(["def f(x):\n    return x\n"] * 20, vocab_size=300,
+                              special_tokens=[*DEFAULT_SPECIAL_TOKENS, *FIM_SPECIAL_TOKENS])
+    template = TaskTemplate("code", fim_prompt=fim_prompt_format(tok))
+    record = Record({"prefix": "def f(x):\n", "suffix": "\n", "completion": "    return x"}, "c.jsonl", 1)
+    example = tokenize_segments(template.segments(record), tok, 64)
+    prompt = infill_prompt(tok, "def f(x):\n", "\n").ids
+    # The prompt the model is tuned on is the one /infill, suffix and generate(suffix=) send.
+    assert example.input_ids[:len(prompt)] == prompt and not any(example.train_mask[:len(prompt)])
+    assert tok.decode(example.input_ids[len(prompt):-1]) == "    return x"
+    assert example.input_ids[-1] == tok.eos_token_id
+    assert fim_prompt_format(Tokenizer.train_bpe(["abc"] * 5, vocab_size=270)) is None

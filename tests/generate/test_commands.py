@@ -157,3 +157,32 @@ def test_chat_ctrl_c_stops_the_reply_and_ctrl_d_leaves_on_a_new_line(tmp_path):
         except ProcessLookupError:
             pass
         os.close(fd)
+
+
+def test_generate_suffix_fills_in_the_middle(model_dir, tmp_path, capsys):
+    from gptforge.fim import FIM_SPECIAL_TOKENS, fim_tokens, infill_prompt
+    from gptforge.generate import generate
+    from gptforge.loading import load
+    from gptforge.tokenizer import DEFAULT_SPECIAL_TOKENS
+
+    tokenizer = Tokenizer.train_bpe(["def f(x):\n    return x + 1\n" * 20], vocab_size=300,
+                                    special_tokens=[*DEFAULT_SPECIAL_TOKENS, *FIM_SPECIAL_TOKENS])
+    torch.manual_seed(0)
+    save(tmp_path / "fim", GPT(Config.from_name("nano").replace(vocab_size=tokenizer.vocab_size, block_size=128)),
+         tokenizer)
+    args = ["generate", "--model", str(tmp_path / "fim"), "--prompt", "def f(x):\n", "--suffix", "\n",
+            "--max-new-tokens", "6", "--jsonl"]
+    assert cli.main(args) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["prompt"] == "def f(x):\n" and record["suffix"] == "\n"
+    model, tok = load(tmp_path / "fim")
+    t = fim_tokens(tok)
+    expected = generate(model, [infill_prompt(tok, "def f(x):\n", "\n").ids], tok, max_new_tokens=6,
+                        eos_token_id=sorted({*tok.stop_token_ids(), t.prefix, t.suffix, t.middle, t.pad}))[0]
+    assert record["token_ids"] == expected.token_ids and record["text"] == expected.text
+    # Plain output shows the filled-in text: prefix, middle, suffix.
+    assert cli.main(args[:-1]) == 0
+    assert capsys.readouterr().out == "def f(x):\n" + expected.text + "\n" + "\n"
+    # A model without FIM tokens: one line naming the missing tokens, exit status 2.
+    assert cli.main(["generate", "--model", str(model_dir), "--prompt", "hello", "--suffix", "x"]) == 2
+    assert "<fim_prefix>" in capsys.readouterr().err

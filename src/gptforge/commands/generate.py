@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     parser.add_argument("--prompts-file", help="a text file with one prompt per line (blank lines are skipped)")
+    parser.add_argument("--suffix", default=None,
+                        help="fill in the middle: the text after the gap (each prompt is the text before it); "
+                             "needs a model pretrained with data.fim_rate > 0")
     parser.add_argument("--num-return-sequences", type=int, default=1)
     parser.add_argument("--logprobs", action="store_true", help="report the log-probability of each token")
     parser.add_argument("--top-logprobs", type=int, default=0, help="report this many alternatives per token")
@@ -80,7 +83,7 @@ def _stream_one(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: st
         return 0
     stream_kwargs = {k: v for k, v in kwargs.items() if k not in ("logprobs", "top_logprobs")}
     deltas = stream(model, prompt, tokenizer, truncate_prompt=args.truncate_prompt, compile=args.compile,
-                    token_healing=args.token_healing, **stream_kwargs)
+                    token_healing=args.token_healing, suffix=args.suffix, **stream_kwargs)
     for text, refused in moderated_stream(moderator, deltas):
         sys.stdout.write("\n" + text if refused else text)
         sys.stdout.flush()
@@ -105,13 +108,15 @@ def _generate_all(args: argparse.Namespace, model: Any, tokenizer: Any, prompts:
     for start in range(0, len(allowed), args.batch_size):
         chunk = [prompts[i] for i in allowed[start:start + args.batch_size]]
         for out in generate(model, chunk, tokenizer, echo=args.echo, truncate_prompt=args.truncate_prompt,
-                            compile=args.compile, token_healing=args.token_healing, **kwargs):
+                            compile=args.compile, token_healing=args.token_healing, suffix=args.suffix, **kwargs):
             record = asdict(out)
             record["index"] = allowed[start + record["index"]]
             blocked = moderator.check_output(record["text"]) if moderator is not None else None
             if blocked is not None and not blocked.allowed:
                 record.update(text=moderator.refusal, finish_reason=CONTENT_FILTER, moderation=blocked.reason)
             record["prompt"] = prompts[record["index"]]
+            if args.suffix is not None:
+                record["suffix"] = args.suffix
             for key in ("top_logprobs", "prompt_top_logprobs"):  # JSON keys are strings: token text, as OpenAI does
                 if record[key] is not None:
                     record[key] = [None if step is None else {tokenizer.id_to_token(t): lp for t, lp in step.items()}
@@ -134,4 +139,4 @@ def _print_records(args: argparse.Namespace, records: list[dict[str, Any]]) -> N
         for i, record in enumerate(records):
             if i:
                 print("-" * 40)
-            print(record["prompt"] + record["text"])
+            print(record["prompt"] + record["text"] + record.get("suffix", ""))

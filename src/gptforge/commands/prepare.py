@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto", help="token dtype on disk")
     parser.add_argument("--max-bytes", type=int, default=None, help="read at most this many bytes of text")
     parser.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
+    parser.add_argument("--fim-rate", type=float, default=0.0,
+                        help="share of training documents in fill-in-the-middle form (default 0; needs --split documents)")
+    parser.add_argument("--fim-spm-rate", type=float, default=0.5, help="share of FIM documents in SPM order (default 0.5)")
+    parser.add_argument("--fim-seed", type=int, default=0, help="seed of the FIM draws (default 0)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print a JSON summary (for scripts) instead of sentences")
@@ -37,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     corpus = prepare_corpus(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                             val_fraction=args.val_fraction, split=args.split, text_field=args.text_field,
                             on_decode_error=args.on_decode_error, dtype=args.dtype, max_bytes=args.max_bytes,
-                            shard_tokens=args.shard_tokens, force=args.force, progress=not args.no_progress)
+                            shard_tokens=args.shard_tokens, force=args.force, progress=not args.no_progress,
+                            fim_rate=args.fim_rate, fim_spm_rate=args.fim_spm_rate, fim_seed=args.fim_seed)
     m = corpus.manifest
     if args.json:
         print(json.dumps({"out": str(corpus.directory), "documents": m["documents"], "tokens": m["num_tokens"],
@@ -62,6 +67,10 @@ def describe_prepared(directory: Path, manifest: dict[str, Any]) -> str:
                  f"listed in {out / 'manifest.json'}")
     kind = TOKENIZER_KINDS.get(m["tokenizer"]["kind"], m["tokenizer"]["kind"])
     lines.append(f"  tokenizer:    {out / m['tokenizer']['dir']} ({kind}, {m['vocab_size']:,} tokens)")
+    fim = m.get("fim") or {}
+    if fim.get("rate"):
+        lines.append(f"  FIM:          {fim['documents']:,} training documents in fill-in-the-middle form "
+                     f"(rate {fim['rate']}, SPM share {fim['spm_rate']}, seed {fim['seed']})")
     if m["skipped"]:
         lines.append(f"  skipped:      {len(m['skipped'])} file(s) that are not UTF-8, e.g. {m['skipped'][0]}")
     lines.append(f"Next, pretrain on it with a recipe (see docs/pretrain.md) whose data section reads it:\n"

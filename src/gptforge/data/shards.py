@@ -24,7 +24,8 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from ..atomic import atomic_directory, atomic_write_text, read_json
-from ..tokenizer import Tokenizer, TokenizerError
+from ..fim import FIM_SPECIAL_TOKENS, choose_fim, fim_tokens, fim_training_ids
+from ..tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, TokenizerError
 from .corpus import Corpus, CorpusError, Document
 
 log = logging.getLogger(__name__)
@@ -179,14 +180,16 @@ class _CharTable:
         return self.ids[pos]
 
 
-def _make_tokenizer(tokenizer: Any, corpus: Corpus, vocab_size: int) -> Tokenizer:
+def _make_tokenizer(tokenizer: Any, corpus: Corpus, vocab_size: int, extra_specials: tuple[str, ...] = ()) -> Tokenizer:
+    """The corpus tokenizer; `extra_specials` (the FIM tokens) are part of a trained one, added to a given one."""
     if isinstance(tokenizer, Tokenizer):
-        return tokenizer
+        return _add_specials(tokenizer, extra_specials)
     kind = str(tokenizer)
     if kind == "bpe":
         log.info("Training a byte-level BPE tokenizer with a %s-token vocabulary...", f"{vocab_size:,}")
         try:
-            return Tokenizer.train_bpe((d.text for d in corpus.documents()), vocab_size=vocab_size)
+            return Tokenizer.train_bpe((d.text for d in corpus.documents()), vocab_size=vocab_size,
+                                       special_tokens=[*DEFAULT_SPECIAL_TOKENS, *extra_specials])
         except TokenizerError as exc:
             raise CorpusError(f"tokenizer: {exc}") from exc
     if kind == "char":
@@ -198,13 +201,20 @@ def _make_tokenizer(tokenizer: Any, corpus: Corpus, vocab_size: int) -> Tokenize
         if not chars:
             raise CorpusError(_empty_message(corpus))
         # Several documents need a separator token; one text (e.g. tinyshakespeare) keeps nanoGPT's ids.
-        specials = ["<|endoftext|>"] if docs > 1 else []
-        return Tokenizer.train_char([''.join(sorted(chars))], special_tokens=specials)
+        specials = ["<|endoftext|>"] if docs > 1 or extra_specials else []
+        return Tokenizer.train_char([''.join(sorted(chars))], special_tokens=[*specials, *extra_specials])
     path = Path(kind)
     if path.exists():
-        return Tokenizer.from_file(path)
+        return _add_specials(Tokenizer.from_file(path), extra_specials)
     raise CorpusError(f"tokenizer must be 'bpe', 'char' or a path to a tokenizer.json / folder, got {kind!r} "
                       "(no such path)")
+
+
+def _add_specials(tok: Tokenizer, extra_specials: tuple[str, ...]) -> Tokenizer:
+    """A given tokenizer with the FIM tokens; one that has its own (e.g. Qwen's <|fim_prefix|>) keeps them."""
+    if not extra_specials or fim_tokens(tok) is not None:
+        return tok
+    return tok.with_special_tokens(extra_specials)
 
 
 def _empty_message(corpus: Corpus) -> str:
@@ -216,7 +226,8 @@ def _empty_message(corpus: Corpus) -> str:
 def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: Any = "bpe", vocab_size: int = 8192,
                    val_fraction: float = 0.1, split: str = "tail", text_field: str = "text",
                    on_decode_error: str = "fail", dtype: str = "auto", shard_tokens: int = 1 << 27,
-                   max_bytes: Optional[int] = None, force: bool = False, progress: bool = True) -> PreparedCorpus:
+                   max_bytes: Optional[int] = None, force: bool = False, progress: bool = True,
+                   fim_rate: float = 0.0, fim_spm_rate: float = 0.5, fim_seed: int = 0) -> PreparedCorpus:
     """Tokenize `sources` into token shards in `out_dir`; reuse the folder when nothing changed.
 
     sources: file/folder/glob paths, .jsonl/.parquet files (`text_field`), "stdlib", or "hf:NAME[:CONFIG][@SPLIT]".
@@ -225,6 +236,10 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
     document goes to validation with probability `val_fraction`, decided by a hash of its text).
     on_decode_error: "fail" or "skip" for files that are not UTF-8 (skipped files are listed in the manifest).
     dtype: "auto" (uint16 when the vocab fits, else uint32), "uint16" or "uint32".
+    fim_rate: share of training documents written in fill-in-the-middle form (gptforge.fim), in SPM order
+    with probability `fim_spm_rate`, else PSM; the draws come from (`fim_seed`, document number), so the
+    same seed gives the same shards. The FIM tokens join the tokenizer; validation documents stay as they
+    are (so validation loss stays left-to-right), which needs split "documents".
     Returns the `PreparedCorpus`; raises CorpusError (a ValueError) naming the bad input.
     """
     out_dir = Path(out_dir)
@@ -234,12 +249,15 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
         raise CorpusError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens <= 0:
         raise CorpusError(f"shard_tokens must be positive, got {shard_tokens}")
+    _check_fim(fim_rate, fim_spm_rate, split)
     if isinstance(tokenizer, str) and tokenizer == "bpe":
         _pick_dtype(dtype, vocab_size)  # fail before training a tokenizer that cannot be stored
     corpus = Corpus(sources, text_field=text_field, on_decode_error=on_decode_error, max_bytes=max_bytes)
     settings = {"tokenizer": tokenizer if isinstance(tokenizer, str) else hashlib.sha256(
         tokenizer.backend.to_str().encode()).hexdigest(), "vocab_size": vocab_size, "val_fraction": val_fraction,
         "split": split, "dtype": dtype, "shard_tokens": shard_tokens, "version": VERSION}
+    if fim_rate > 0:  # only then, so that corpora prepared before FIM existed keep their fingerprint
+        settings["fim"] = {"rate": fim_rate, "spm_rate": fim_spm_rate, "seed": fim_seed}
     if isinstance(tokenizer, str) and tokenizer not in ("bpe", "char") and Path(tokenizer).exists():
         tok_file = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
         settings["tokenizer_hash"] = hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file() else None
@@ -265,7 +283,8 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
 
     if next(iter(corpus.documents()), None) is None:  # before training a tokenizer or drawing a bar
         raise CorpusError(_empty_message(corpus))
-    tok = _make_tokenizer(tokenizer, corpus, vocab_size)
+    tok = _make_tokenizer(tokenizer, corpus, vocab_size, FIM_SPECIAL_TOKENS if fim_rate > 0 else ())
+    fim = fim_tokens(tok) if fim_rate > 0 else None
     dtype_name = _pick_dtype(dtype, tok.vocab_size)
     np_dtype = np.dtype(dtype_name)
     eos = tok.eos_token_id
@@ -284,16 +303,26 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
             from ..progress import Progress
 
             bar = Progress(corpus.input_bytes(), desc="tokenize", unit="B", unit_scale=True)
-        chunk = (1 << 20) if tok.kind == "char" else None
+        chunk = (1 << 20) if tok.kind == "char" and fim is None else None  # FIM cuts whole documents
         char_table = _CharTable(tok) if tok.kind == "char" else None
         first_doc = True
         current = "train"  # split of the document being written (continuation pieces follow it)
+        n_fim = 0
         try:
             for batch in _batched(corpus.documents(), 4 << 20, chunk):
-                fast = [char_table.encode(d.text) for d in batch] if char_table else [None] * len(batch)
-                slow = [d.text for d, ids in zip(batch, fast) if ids is None]
+                plans = [None] * len(batch)
+                if fim is not None:
+                    plans = [_fim_plan(doc, n_docs + i, fim_rate, fim_spm_rate, fim_seed,
+                                       split == "documents" and _doc_in_val(doc.text, val_fraction))
+                             for i, doc in enumerate(batch)]
+                    n_fim += sum(p is not None for p in plans)
+                texts = [t for doc, plan in zip(batch, plans) for t in (plan[1] if plan else (doc.text,))]
+                fast = [char_table.encode(t) for t in texts] if char_table else [None] * len(texts)
+                slow = [t for t, ids in zip(texts, fast) if ids is None]
                 slow_ids = iter(tok.encode_batch(slow, add_special_tokens=False) if slow else [])
-                encoded = [ids if ids is not None else next(slow_ids) for ids in fast]
+                pieces = iter([ids if ids is not None else next(slow_ids) for ids in fast])
+                encoded = [fim_training_ids(fim, plan[0], *(next(pieces) for _ in range(3)))  # type: ignore[arg-type]
+                           if plan else next(pieces) for plan in plans]
                 for doc, ids in zip(batch, encoded):
                     starts_doc = doc.name != ""  # continuation pieces of a split text carry no name
                     if starts_doc:
@@ -348,6 +377,7 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
             "num_tokens": total, "skipped": list(corpus.skipped),
             "selection": [sel.to_dict() for sel in corpus.selections],
             "split": {"method": split, "val_fraction": val_fraction},
+            "fim": {"rate": fim_rate, "spm_rate": fim_spm_rate, "seed": fim_seed, "documents": n_fim},
             "split_tokens": {name: sum(s["end"] - s["start"] for s in segs) for name, segs in splits.items()},
             "shards": shards, "splits": splits, "settings": settings,
             "seconds": round(time.perf_counter() - started, 3),
@@ -357,6 +387,25 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
               manifest["split_tokens"]["train"], manifest["split_tokens"]["val"])
     # Each skipped file was reported as it was read (corpus.py); the manifest lists them all.
     return load_prepared(out_dir)
+
+
+def _check_fim(fim_rate: float, fim_spm_rate: float, split: str) -> None:
+    if not 0.0 <= fim_rate <= 1.0:
+        raise CorpusError(f"fim_rate must be in [0, 1] (the share of documents in fill-in-the-middle form), "
+                          f"got {fim_rate}")
+    if not 0.0 <= fim_spm_rate <= 1.0:
+        raise CorpusError(f"fim_spm_rate must be in [0, 1] (the share of FIM documents in SPM order), got {fim_spm_rate}")
+    if fim_rate > 0 and split != "documents":
+        raise CorpusError("fim_rate > 0 needs split 'documents': validation documents stay left-to-right, and "
+                          f"with split {split!r} which documents validate is only known after tokenizing")
+
+
+def _fim_plan(doc: Document, index: int, rate: float, spm_rate: float, seed: int,
+              in_val: bool) -> Optional[tuple[str, tuple[str, str, str]]]:
+    """(order, (prefix, middle, suffix)) when document `index` is written in FIM form, else None."""
+    if in_val or not doc.name:  # validation, or a continuation piece (none when FIM is on)
+        return None
+    return choose_fim(doc.text, np.random.default_rng([seed, index]), rate, spm_rate)
 
 
 def _range_segments(shards: list[dict[str, Any]], begin: int, end: int) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@
 | translation | source, target (+ language names) | "Translate {source_lang} to {target_lang}.\\n{source_lang}: {source}\\n{target_lang}:" -> " {target}" |
 | summarization | document, summary | "{document}\\nTL;DR:" -> " {summary}" |
 | qa | context, question, answer | "Context: {context}\\nQuestion: {question}\\nAnswer:" -> " {answer}" |
-| code | prefix, completion, suffix? | prefix -> completion; with a suffix: "<PRE> {prefix} <SUF>{suffix} <MID>" -> completion |
+| code | prefix, completion, suffix? | prefix -> completion; with a suffix: "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>" (a model with FIM tokens, gptforge.fim), else "<PRE> {prefix} <SUF>{suffix} <MID>" -> completion |
 
 A user prompt is a Python format string over the record's fields (plus `labels`, `source_lang`, `target_lang`).
 """
@@ -62,6 +62,7 @@ class TaskTemplate:
     source_lang: str = "English"
     target_lang: str = "French"
     completion_prefix: str = " "  # joins prompt and completion ("Label:" + " positive")
+    fim_prompt: Optional[str] = None  # code with a suffix: the model's FIM format (gptforge.fim), else FIM_PROMPT
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_FIELDS:
@@ -97,7 +98,8 @@ class TaskTemplate:
             if name not in values:
                 values[name] = record.text(name)
         if self.kind == "code" and "suffix" in record.data and self.prompt is None:
-            return FIM_PROMPT.format(prefix=values["prefix"], suffix=record.text("suffix", allow_empty=True))
+            return (self.fim_prompt or FIM_PROMPT).format(prefix=values["prefix"],
+                                                          suffix=record.text("suffix", allow_empty=True))
         return self.template.format(**values)
 
     def segments(self, record: Record) -> list[Segment]:

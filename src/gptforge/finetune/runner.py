@@ -18,6 +18,7 @@ from ..atomic import atomic_write_text
 from ..config import ConfigError
 from ..data.sft import BASIC_FORMATS, DataError, Record, read_records, render_segments, resolve_format
 from ..data.templates import DEFAULT_METRIC, TaskTemplate, infer_labels
+from ..fim import fim_prompt_format
 from ..loading import load, load_model, load_tokenizer, save
 from ..model import GPT
 from ..tokenizer import Tokenizer
@@ -83,7 +84,8 @@ def build_task(spec: TaskRecipe, tokenizer: Any, *, seed: int = 0, classificatio
         if fmt in ("classification",) and labels is None:
             labels = infer_labels(train_records)
         template = TaskTemplate(fmt, prompt=spec.prompt, labels=labels, source_lang=spec.source_lang,
-                                target_lang=spec.target_lang)
+                                target_lang=spec.target_lang,
+                                fim_prompt=fim_prompt_format(tokenizer) if fmt == "code" else None)
         render = template.segments
     metric = DEFAULT_METRIC.get(fmt) if spec.metric == "auto" else (None if spec.metric == "none" else spec.metric)
     if metric == "accuracy" and (template is None or template.labels is None):

@@ -282,6 +282,7 @@ def export_gguf(model: GPT, path: str | Path, tokenizer: Any, outtype: str = "f3
         if tokenizer.pad_token_id is not None:
             writer.add_pad_token_id(tokenizer.pad_token_id)
         writer.add_add_bos_token(False)
+        _write_fim_tokens(writer, tokenizer)
         for name, tensor in tensors.items():
             array, raw_dtype = _encode_tensor(name, tensor, outtype)
             writer.add_tensor(name, array, raw_dtype=raw_dtype)
@@ -290,6 +291,23 @@ def export_gguf(model: GPT, path: str | Path, tokenizer: Any, outtype: str = "f3
         writer.write_tensors_to_file()
         writer.close()
     return path
+
+
+def _write_fim_tokens(writer: Any, tokenizer: Any) -> None:
+    """llama.cpp's FIM token keys, so its server's /infill and editor plugins find the tokens."""
+    import gguf
+
+    from ..fim import fim_tokens
+
+    tokens = fim_tokens(tokenizer)
+    if tokens is None:
+        return
+    keys = gguf.Keys.Tokenizer
+    for key, token_id in ((keys.FIM_PRE_ID, tokens.prefix), (keys.FIM_SUF_ID, tokens.suffix),
+                          (keys.FIM_MID_ID, tokens.middle), (keys.FIM_PAD_ID, tokens.pad),
+                          (keys.FIM_REP_ID, tokens.repo), (keys.FIM_SEP_ID, tokens.file_sep)):
+        if token_id is not None:
+            writer.add_uint32(key, token_id)
 
 
 _PHI3_NAMED_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")

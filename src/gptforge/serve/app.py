@@ -84,6 +84,7 @@ class Endpoints:
     chat: Any
     tokenization: Any
     embeddings: Any
+    infill: Any = None
 
 
 class JSONLogFormatter(logging.Formatter):
@@ -245,6 +246,7 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
         from .serving_chat import ChatServing
         from .serving_completions import CompletionServing
         from .serving_embeddings import EmbeddingServing
+        from .serving_infill import InfillServing
         from .serving_tokenize import TokenizeServing
 
         try:
@@ -271,7 +273,8 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
                 chat=ChatServing(engine, tokenizer, options.model_name, **common),
                 tokenization=TokenizeServing(engine, tokenizer, options.model_name, **common),
                 embeddings=EmbeddingServing(engine, tokenizer, options.model_name, pooling=options.embedding_pooling,
-                                            **common))
+                                            **common),
+                infill=InfillServing(engine, tokenizer, options.model_name, **common))
             log.info("model %s ready", options.model_name,
                      extra={"fields": {"params": model.num_params(), "block_size": engine.block_size,
                                        "max_batch": options.max_batch, "lora_adapters": list(options.lora)}})

@@ -133,6 +133,51 @@ class CompletionRequest(BaseModel):
     structured_outputs: Optional[StructuredOutputs] = None
 
 
+class InfillExtra(BaseModel):
+    """One context chunk of `/infill`'s input_extra (editor plugins also send e.g. `time`, ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    filename: Text = "tmp"
+    text: Text = ""
+
+
+class InfillRequest(BaseModel):
+    """POST /infill, llama.cpp server's fill-in-the-middle endpoint (its field names and defaults).
+
+    Accepted for compatibility with no effect here: samplers (the order is fixed), cache_prompt, id_slot,
+    t_max_prompt_ms and t_max_predict_ms (llama.cpp's time limits), penalty_last_n.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    input_prefix: Text = ""
+    input_suffix: Text = ""
+    input_extra: list[InfillExtra] = Field(default_factory=list, max_length=MAX_PROMPTS)
+    prompt: Text = ""  # the text right before the cursor: joins the prefix
+    n_predict: int = Field(-1, ge=-1)  # -1: as much as the context allows
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_k: int = Field(40, ge=0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    min_p: float = Field(0.05, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(1.0, gt=0.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int = Field(-1, ge=-2**63, le=2**64 - 1)  # -1 (or 0xFFFFFFFF, llama.cpp's default): random
+    stop: Stop = None
+    stream: bool = False
+    n_indent: int = Field(0, ge=0)  # stop before a new line indented less than this many columns
+    return_tokens: bool = False
+    response_fields: Optional[list[Text]] = None  # only these (paths such as "timings/prompt_n") are returned
+    model: Optional[Text] = None
+    samplers: Optional[list[Text]] = None
+    cache_prompt: bool = True
+    id_slot: int = -1
+    t_max_prompt_ms: int = -1
+    t_max_predict_ms: int = -1
+    penalty_last_n: int = 64
+
+
 class TextPart(BaseModel):
     type: Literal["text"] = "text"
     text: Text

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from .errors import APIError
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        DetokenizeRequest, DetokenizeResponse, EmbeddingRequest, EmbeddingResponse, FeedbackRequest,
-                       FeedbackResponse, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo)
+                       FeedbackResponse, InfillRequest, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo)
 
 router = APIRouter()
 
@@ -80,6 +80,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     request.state.user = body.user
     result = await _endpoints(request).chat.create(body, request, _key_id(request))
     return _reply(_remember(request, "chat", body, result))
+
+
+@router.post("/infill", tags=["llama.cpp"])
+async def infill(body: InfillRequest, request: Request) -> Response:
+    """Fill in the middle, as llama.cpp's server does (editor plugins: llama.vscode, llama.vim); docs/serve.md."""
+    return _reply(await _endpoints(request).infill.create(body, request, _key_id(request)))
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, tags=["openai"])

@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator, Optional
 
 from fastapi import Request
 
+from ..fim import FimError, fim_stop_ids, fim_tokens, infill_prompt, require_fim_tokens
 from ..healing import heal_prompt
 from .engine import SequenceRequest
 from .errors import APIError, invalid_param
@@ -26,8 +27,7 @@ class CompletionServing(ServingBase):
     async def prepare(self, body: CompletionRequest, key_id: str) -> Prepared:
         """Validate (cheap checks first), count the request, tokenize off the loop, build the sequences."""
         adapter = self.check_model(body.model)
-        if body.suffix:
-            raise invalid_param("suffix", "suffix (insertion) is not supported by this model")
+        suffix = self._infill_suffix(body)
         if body.best_of is not None and body.best_of != body.n:
             raise invalid_param("best_of", "best_of must equal n (candidates are not re-ranked)")
         raw = self._prompt_list(body.prompt)
@@ -44,14 +44,14 @@ class CompletionServing(ServingBase):
                 self.check_token_ids(p, "prompt")
         self.rate_limiter.admit_request(key_id)
         spec = await self.run_cpu(self.output_spec, None, body.structured_outputs)
-        prompts, texts = await self.run_cpu(self._tokenize_all, raw)
+        prompts, texts = await self.run_cpu(self._tokenize_all, raw, suffix)
         max_tokens = self.completion_budget(body.max_tokens, [len(p) for p in prompts], "prompt")
         if max_tokens == 0 and not body.echo:
             raise invalid_param("max_tokens", "max_tokens must be at least 1 (0 is allowed only with echo)")
         params = self.sampling_params(body, max_tokens, body.logprobs or 0, body.logprobs is not None)
         constraints = await self.constraints(spec, len(prompts) * body.n)
         healed = [heal_prompt(self.tokenizer, p) if body.token_healing and spec is None and not body.echo
-                  and t is not None else None for p, t in zip(prompts, texts)]
+                  and t is not None and suffix is None else None for p, t in zip(prompts, texts)]
         prompts = [h.prompt_ids if h is not None else p for p, h in zip(prompts, healed)]  # what the model reads
         seqs = []
         for i, p in enumerate(prompts):
@@ -60,6 +60,8 @@ class CompletionServing(ServingBase):
                 seq = self._sequence(i * body.n + j, p, seq_params, max_tokens,
                                      body.echo and body.logprobs is not None, constraints[i * body.n + j])
                 seq.adapter = adapter
+                if suffix is not None:  # a FIM marker would start another part: the middle is done
+                    seq.stop_token_ids = tuple(sorted({*self.stop_ids, *fim_stop_ids(self.tokenizer)}))
                 if healed[i] is not None:
                     seq.prompt_ids, seq.hidden_prefix = healed[i].prompt_ids, healed[i].hidden_text
                     seq.constraint, seq.healing = healed[i].constraint(), True
@@ -69,6 +71,20 @@ class CompletionServing(ServingBase):
             for t, p in zip(texts, prompts))
         return Prepared(prompts, texts, seqs, max_tokens, blocked, model=body.model)
 
+    def _infill_suffix(self, body: CompletionRequest) -> Optional[str]:
+        """The `suffix` to fill in before, or None for a plain completion (also for "" on a model without FIM)."""
+        if body.suffix is None or (body.suffix == "" and fim_tokens(self.tokenizer) is None):
+            return None
+        try:
+            require_fim_tokens(self.tokenizer, "suffix")
+        except FimError as exc:
+            raise invalid_param(exc.param, str(exc)) from exc
+        if body.echo:
+            raise invalid_param("echo", "echo cannot be combined with suffix (the prompt is not continued in place)")
+        if not isinstance(body.prompt, str) and not all(isinstance(p, str) for p in body.prompt):
+            raise invalid_param("prompt", "with suffix, prompts must be text (the text before the gap)")
+        return body.suffix
+
     @staticmethod
     def _prompt_list(prompt: Any) -> list:
         if isinstance(prompt, str):
@@ -77,11 +93,15 @@ class CompletionServing(ServingBase):
             raise invalid_param("prompt", "prompt must not be empty")
         return [prompt] if isinstance(prompt[0], int) else list(prompt)
 
-    def _tokenize_all(self, raw: list) -> tuple[list[list[int]], list[Optional[str]]]:
+    def _tokenize_all(self, raw: list, suffix: Optional[str] = None) -> tuple[list[list[int]], list[Optional[str]]]:
         prompts: list[list[int]] = []
         texts: list[Optional[str]] = []
         for p in raw:
-            if isinstance(p, str):
+            if suffix is not None:  # fill in the middle: the prompt is the text before the gap
+                mask = mask_pii if self.redact_content else (lambda t: t)
+                prompts.append(infill_prompt(self.tokenizer, mask(p), mask(suffix)).ids)
+                texts.append(mask(p + suffix))
+            elif isinstance(p, str):
                 prompts.append(self.encode(p))
                 texts.append(mask_pii(p) if self.redact_content else p)
             else:
