@@ -242,6 +242,8 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
     are (so validation loss stays left-to-right), which needs split "documents".
     Returns the `PreparedCorpus`; raises CorpusError (a ValueError) naming the bad input.
     """
+    # ~75 lines under the docstring, in the order the work happens: checks, reuse, tokenizer, shards
+    # (`_SplitWriter`, `_encode_batch`), manifest; the loop keeps the document counters in one place.
     out_dir = Path(out_dir)
     if split not in SPLIT_METHODS:
         raise CorpusError(f"split must be one of {SPLIT_METHODS}, got {split!r}")
@@ -253,33 +255,13 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
     if isinstance(tokenizer, str) and tokenizer == "bpe":
         _pick_dtype(dtype, vocab_size)  # fail before training a tokenizer that cannot be stored
     corpus = Corpus(sources, text_field=text_field, on_decode_error=on_decode_error, max_bytes=max_bytes)
-    settings = {"tokenizer": tokenizer if isinstance(tokenizer, str) else hashlib.sha256(
-        tokenizer.backend.to_str().encode()).hexdigest(), "vocab_size": vocab_size, "val_fraction": val_fraction,
-        "split": split, "dtype": dtype, "shard_tokens": shard_tokens, "version": VERSION}
-    if fim_rate > 0:  # only then, so that corpora prepared before FIM existed keep their fingerprint
-        settings["fim"] = {"rate": fim_rate, "spm_rate": fim_spm_rate, "seed": fim_seed}
-    if isinstance(tokenizer, str) and tokenizer not in ("bpe", "char") and Path(tokenizer).exists():
-        tok_file = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
-        settings["tokenizer_hash"] = hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file() else None
+    settings = _settings(tokenizer, vocab_size, val_fraction, split, dtype, shard_tokens, fim_rate, fim_spm_rate,
+                         fim_seed)
     fingerprint = hashlib.sha256(json.dumps([corpus.fingerprint(), settings], sort_keys=True,
                                             default=str).encode()).hexdigest()
-
-    if out_dir.exists():
-        if (out_dir / MANIFEST).is_file():
-            if not force:
-                try:
-                    existing = load_prepared(out_dir)
-                    if existing.manifest.get("fingerprint") == fingerprint:
-                        log.info("%s is up to date (same inputs and settings): reusing it.", out_dir)
-                        return existing
-                except CorpusError:
-                    pass  # damaged: rebuild below
-            log.info("The inputs or settings changed: rebuilding %s.", out_dir)
-        elif out_dir.is_dir() and any(out_dir.iterdir()):
-            raise CorpusError(f"output folder {out_dir} exists and is not a prepared corpus (no {MANIFEST}); "
-                              "choose an empty or new folder")
-        elif not out_dir.is_dir():
-            raise CorpusError(f"output path {out_dir} exists and is not a folder")
+    existing = _up_to_date(out_dir, fingerprint, force)
+    if existing is not None:
+        return existing
 
     if next(iter(corpus.documents()), None) is None:  # before training a tokenizer or drawing a bar
         raise CorpusError(_empty_message(corpus))
@@ -292,11 +274,7 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
 
     with atomic_directory(out_dir) as tmp:
         tok.save(tmp / "tokenizer")
-        if split == "tail":
-            writers = {"all": _ShardWriter(tmp, "tokens", np_dtype, shard_tokens)}
-        else:
-            writers = {"train": _ShardWriter(tmp, "train", np_dtype, shard_tokens),
-                       "val": _ShardWriter(tmp, "val", np_dtype, shard_tokens)}
+        out = _SplitWriter(tmp, split, val_fraction, np_dtype, shard_tokens, eos)
         n_docs = n_chars = 0
         bar = None
         if progress:
@@ -305,8 +283,6 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
             bar = Progress(corpus.input_bytes(), desc="tokenize", unit="B", unit_scale=True)
         chunk = (1 << 20) if tok.kind == "char" and fim is None else None  # FIM cuts whole documents
         char_table = _CharTable(tok) if tok.kind == "char" else None
-        first_doc = True
-        current = "train"  # split of the document being written (continuation pieces follow it)
         n_fim = 0
         try:
             for batch in _batched(corpus.documents(), 4 << 20, chunk):
@@ -316,66 +292,24 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
                                        split == "documents" and _doc_in_val(doc.text, val_fraction))
                              for i, doc in enumerate(batch)]
                     n_fim += sum(p is not None for p in plans)
-                texts = [t for doc, plan in zip(batch, plans) for t in (plan[1] if plan else (doc.text,))]
-                fast = [char_table.encode(t) for t in texts] if char_table else [None] * len(texts)
-                slow = [t for t, ids in zip(texts, fast) if ids is None]
-                slow_ids = iter(tok.encode_batch(slow, add_special_tokens=False) if slow else [])
-                pieces = iter([ids if ids is not None else next(slow_ids) for ids in fast])
-                encoded = [fim_training_ids(fim, plan[0], *(next(pieces) for _ in range(3)))  # type: ignore[arg-type]
-                           if plan else next(pieces) for plan in plans]
-                for doc, ids in zip(batch, encoded):
-                    starts_doc = doc.name != ""  # continuation pieces of a split text carry no name
-                    if starts_doc:
-                        n_docs += 1
+                for doc, ids in zip(batch, _encode_batch(batch, plans, tok, char_table, fim)):
                     arr = np.asarray(ids, dtype=np.int64)
                     if arr.size and int(arr.max()) >= DTYPE_LIMITS[dtype_name]:
                         raise CorpusError(f"token id {int(arr.max())} does not fit {dtype_name}")
-                    if split == "tail":
-                        target = writers["all"]
-                        if starts_doc and not first_doc and eos is not None:
-                            target.write(np.asarray([eos], dtype=np.int64))
-                    else:
-                        if starts_doc:
-                            current = "val" if _doc_in_val(doc.text, val_fraction) else "train"
-                        target = writers[current]
-                        if starts_doc and eos is not None and target.total:
-                            target.write(np.asarray([eos], dtype=np.int64))
-                    first_doc = False
-                    target.write(arr)
+                    n_docs += out.write(doc, arr)
                     n_chars += len(doc.text)
                 if bar is not None:
                     bar.update(sum(len(d.text.encode("utf-8")) for d in batch))
         finally:
-            for writer in writers.values():
-                writer.close()
+            out.close()
             if bar is not None:
                 bar.close()
-        total = sum(w.total for w in writers.values())
+        total, shards, splits = out.finish(n_docs)
         if total == 0:
             raise CorpusError(_empty_message(corpus))
-        shards = [s for w in writers.values() for s in w.shards if s["tokens"] > 0]
-        for w in writers.values():  # a roll at an exact boundary can leave an empty file
-            for s in w.shards:
-                if s["tokens"] == 0:
-                    (tmp / s["file"]).unlink(missing_ok=True)
-        if split == "tail":
-            n_val = int(math.ceil(total * val_fraction)) if val_fraction > 0 else 0
-            splits = {"train": _range_segments(shards, 0, total - n_val),
-                      "val": _range_segments(shards, total - n_val, total)}
-        else:
-            splits = {name: [{"file": s["file"], "start": 0, "end": s["tokens"]} for s in w.shards if s["tokens"]]
-                      for name, w in writers.items()}
-            if val_fraction > 0 and not splits["val"]:
-                raise CorpusError(f"split 'documents' put none of the {n_docs} documents into validation; "
-                                  "use split 'tail' or a larger val_fraction")
         manifest = {
-            "format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
-            "sources": [s.spec for s in corpus.sources], "text_field": text_field,
-            "tokenizer": {"dir": "tokenizer", "kind": tok.kind, "vocab_size": tok.vocab_size,
-                          "eos_token_id": eos},
-            "vocab_size": tok.vocab_size, "dtype": dtype_name, "documents": n_docs, "characters": n_chars,
-            "num_tokens": total, "skipped": list(corpus.skipped),
-            "selection": [sel.to_dict() for sel in corpus.selections],
+            "format": FORMAT, "version": VERSION, "fingerprint": fingerprint, **_contents(corpus, tok, text_field),
+            "dtype": dtype_name, "documents": n_docs, "characters": n_chars, "num_tokens": total,
             "split": {"method": split, "val_fraction": val_fraction},
             "fim": {"rate": fim_rate, "spm_rate": fim_spm_rate, "seed": fim_seed, "documents": n_fim},
             "split_tokens": {name: sum(s["end"] - s["start"] for s in segs) for name, segs in splits.items()},
@@ -387,6 +321,117 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
               manifest["split_tokens"]["train"], manifest["split_tokens"]["val"])
     # Each skipped file was reported as it was read (corpus.py); the manifest lists them all.
     return load_prepared(out_dir)
+
+
+def _encode_batch(batch: list[Document], plans: list[Any], tok: Tokenizer, char_table: Optional[_CharTable],
+                  fim: Any) -> list[list[int]]:
+    """Token ids of each document: its text, or its FIM form when it has a plan (three parts, then assembled)."""
+    texts = [t for doc, plan in zip(batch, plans) for t in (plan[1] if plan else (doc.text,))]
+    fast = [char_table.encode(t) for t in texts] if char_table else [None] * len(texts)
+    slow = [t for t, ids in zip(texts, fast) if ids is None]
+    slow_ids = iter(tok.encode_batch(slow, add_special_tokens=False) if slow else [])
+    pieces = iter([ids if ids is not None else next(slow_ids) for ids in fast])
+    return [fim_training_ids(fim, plan[0], *(next(pieces) for _ in range(3)))  # type: ignore[arg-type]
+            if plan else next(pieces) for plan in plans]
+
+
+def _contents(corpus: Corpus, tok: Tokenizer, text_field: str) -> dict[str, Any]:
+    """The manifest's record of where the text came from and how it was tokenized."""
+    return {"sources": [s.spec for s in corpus.sources], "text_field": text_field,
+            "tokenizer": {"dir": "tokenizer", "kind": tok.kind, "vocab_size": tok.vocab_size,
+                          "eos_token_id": tok.eos_token_id},
+            "vocab_size": tok.vocab_size, "skipped": list(corpus.skipped),
+            "selection": [sel.to_dict() for sel in corpus.selections]}
+
+
+def _settings(tokenizer: Any, vocab_size: int, val_fraction: float, split: str, dtype: str, shard_tokens: int,
+              fim_rate: float, fim_spm_rate: float, fim_seed: int) -> dict[str, Any]:
+    """What, besides the input texts, decides the prepared corpus (part of its fingerprint)."""
+    settings: dict[str, Any] = {"tokenizer": tokenizer if isinstance(tokenizer, str) else hashlib.sha256(
+        tokenizer.backend.to_str().encode()).hexdigest(), "vocab_size": vocab_size, "val_fraction": val_fraction,
+        "split": split, "dtype": dtype, "shard_tokens": shard_tokens, "version": VERSION}
+    if fim_rate > 0:  # only then, so that corpora prepared before FIM existed keep their fingerprint
+        settings["fim"] = {"rate": fim_rate, "spm_rate": fim_spm_rate, "seed": fim_seed}
+    if isinstance(tokenizer, str) and tokenizer not in ("bpe", "char") and Path(tokenizer).exists():
+        tok_file = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
+        settings["tokenizer_hash"] = hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file() else None
+    return settings
+
+
+def _up_to_date(out_dir: Path, fingerprint: str, force: bool) -> Optional[PreparedCorpus]:
+    """The corpus already in `out_dir` when it was made from the same inputs and settings; refuses other folders."""
+    if not out_dir.exists():
+        return None
+    if (out_dir / MANIFEST).is_file():
+        if not force:
+            try:
+                existing = load_prepared(out_dir)
+                if existing.manifest.get("fingerprint") == fingerprint:
+                    log.info("%s is up to date (same inputs and settings): reusing it.", out_dir)
+                    return existing
+            except CorpusError:
+                pass  # damaged: rebuild
+        log.info("The inputs or settings changed: rebuilding %s.", out_dir)
+    elif out_dir.is_dir() and any(out_dir.iterdir()):
+        raise CorpusError(f"output folder {out_dir} exists and is not a prepared corpus (no {MANIFEST}); "
+                          "choose an empty or new folder")
+    elif not out_dir.is_dir():
+        raise CorpusError(f"output path {out_dir} exists and is not a folder")
+    return None
+
+
+class _SplitWriter:
+    """Token shards of one corpus: one stream split at its tail, or train and validation files by document."""
+
+    def __init__(self, folder: Path, split: str, val_fraction: float, dtype: np.dtype, shard_tokens: int,
+                 eos: Optional[int]) -> None:
+        self.folder, self.split, self.val_fraction, self.eos = folder, split, val_fraction, eos
+        names = {"all": "tokens"} if split == "tail" else {"train": "train", "val": "val"}
+        self.writers = {key: _ShardWriter(folder, name, dtype, shard_tokens) for key, name in names.items()}
+        self.first_doc = True
+        self.current = "train"  # split of the document being written (continuation pieces follow it)
+
+    def write(self, doc: Document, ids: np.ndarray) -> int:
+        """Append one document (or continuation piece) with its separator; returns 1 when a document starts."""
+        starts_doc = doc.name != ""  # continuation pieces of a split text carry no name
+        if self.split == "tail":
+            target = self.writers["all"]
+            needs_eos = starts_doc and not self.first_doc
+        else:
+            if starts_doc:
+                self.current = "val" if _doc_in_val(doc.text, self.val_fraction) else "train"
+            target = self.writers[self.current]
+            needs_eos = starts_doc and bool(target.total)
+        if needs_eos and self.eos is not None:
+            target.write(np.asarray([self.eos], dtype=np.int64))
+        self.first_doc = False
+        target.write(ids)
+        return int(starts_doc)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def finish(self, n_docs: int) -> tuple[int, list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+        """(total tokens, shard list, train/val segments); removes empty shard files."""
+        total = sum(w.total for w in self.writers.values())
+        shards = [s for w in self.writers.values() for s in w.shards if s["tokens"] > 0]
+        for w in self.writers.values():  # a roll at an exact boundary can leave an empty file
+            for s in w.shards:
+                if s["tokens"] == 0:
+                    (self.folder / s["file"]).unlink(missing_ok=True)
+        if total == 0:
+            return 0, shards, {}
+        if self.split == "tail":
+            n_val = int(math.ceil(total * self.val_fraction)) if self.val_fraction > 0 else 0
+            return total, shards, {"train": _range_segments(shards, 0, total - n_val),
+                                   "val": _range_segments(shards, total - n_val, total)}
+        splits = {name: [{"file": s["file"], "start": 0, "end": s["tokens"]} for s in w.shards if s["tokens"]]
+                  for name, w in self.writers.items()}
+        if self.val_fraction > 0 and not splits["val"]:
+            raise CorpusError(f"split 'documents' put none of the {n_docs} documents into validation; "
+                              "use split 'tail' or a larger val_fraction")
+        return total, shards, splits
 
 
 def _check_fim(fim_rate: float, fim_spm_rate: float, split: str) -> None:
