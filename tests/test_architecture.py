@@ -7,6 +7,7 @@ stay one-way: config -> model -> generate -> serve, with data, train, eval, comp
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,14 @@ def test_layers_point_one_way(low, high):
         return any(reaches(n, b, seen) for n in graph.get(a, ()) if n not in seen)
 
     assert not reaches(low, high, set()), f"{low} must not depend on {high}"
+
+
+def test_test_modules_import_cleanly_together():
+    """The whole suite runs in one pytest call: test basenames are unique (rootdir imports) and no test imports
+    `conftest` by name (several folders have one; the first imported would win)."""
+    tests = Path(__file__).resolve().parent
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
+    importing = [str(p.relative_to(tests)) for p in tests.rglob("*.py") if p.name != "conftest.py"
+                 and re.search(r"^\s*(from conftest import|import conftest)", p.read_text(encoding="utf-8"), re.M)]
+    assert importing == []

@@ -4,14 +4,11 @@ and in-process uvicorn servers (with a deliberately slowed model) for queueing/c
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -20,34 +17,7 @@ from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
 from gptforge.loading import load, save
 
-API_KEY = "sk-test-0123456789"
-MODEL_NAME = "tiny-chat"
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. ",
-    "Hello world! {\"name\": \"fox\", \"age\": 3, \"tags\": [\"a\", \"b\"]} ",
-    "Once upon a time there was a tiny model that served requests over HTTP. ",
-    "0123456789 + - * / = ( ) [ ] { } : , . ; ' \" ",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(base: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{proc.stdout.read() if proc.stdout else ''}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"server at {base} not healthy after {timeout}s")
+from serve_helpers import API_KEY, CORPUS, MODEL_NAME, InProcessServer, free_port, wait_healthy  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -103,28 +73,6 @@ def server(model_dir, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 proc.kill()
         log_file.close()
-
-
-class InProcessServer:
-    """uvicorn in a thread around `create_app` (lets a test slow the model or read the logs)."""
-
-    def __init__(self, app, port: int) -> None:
-        import uvicorn
-
-        self.app = app
-        self.base = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    access_log=False, lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "InProcessServer":
-        self.thread.start()
-        wait_healthy(self.base)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CORPUS
+from serve_helpers import CORPUS
 
 from gptforge.serve.auth import APIKeyChecker, collect_keys, key_from_headers
 from gptforge.serve.errors import APIError

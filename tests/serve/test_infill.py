@@ -14,7 +14,7 @@ from gptforge.generate import generate
 from gptforge.loading import load
 from gptforge.serve.app import ServerOptions, create_app
 
-from conftest import InProcessServer, free_port
+from serve_helpers import InProcessServer, free_port
 
 KEY = "sk-fim"
 FILES = {f"m{i}.py": f"def scale_{i}(x):\n    y = x + {i}\n    return y * 2\n" for i in range(120)}
@@ -177,7 +177,7 @@ def test_llama_cpp_server_infills_an_exported_model_as_we_do(tmp_path):
 
     import torch
 
-    from conftest import wait_healthy
+    from serve_helpers import wait_healthy
     from gptforge.config import Config
     from gptforge.fim import FIM_SPECIAL_TOKENS
     from gptforge.interop.gguf import export_gguf

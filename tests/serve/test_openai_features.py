@@ -15,7 +15,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from conftest import CORPUS
+from serve_helpers import CORPUS
 from gptforge.config import Config
 from gptforge.loading import load, save
 from gptforge.model import GPT

@@ -17,7 +17,7 @@ from gptforge.serve.app import ServerOptions
 from gptforge.serve.prefix_cache import KVBlock, PrefixCache
 from gptforge.tokenizer import Tokenizer
 
-from conftest import CORPUS, MODEL_NAME
+from serve_helpers import CORPUS, MODEL_NAME
 
 openai = pytest.importorskip("openai")
 
