@@ -4,7 +4,7 @@ Code-editing prompts, taken from the running Python's standard library (no downl
 - "edit": a function, then the start of the same function with one name changed, to be continued;
 - "continue": the start of a file that repeats its identifiers (`stat.py`), to be continued.
 Both libraries decode the same token ids greedily with the same weights (the gptforge model folder is
-loaded by `transformers.AutoModelForCausalLM` as saved), plain and with prompt lookup (`prompt_lookup_num_tokens`,
+loaded by `transformers.AutoModelForCausalLM` as saved; `OMP_WAIT_POLICY=PASSIVE` as the CLI sets it), plain and with prompt lookup (`prompt_lookup_num_tokens`,
 `max_matching_ngram_size`), timed alternately so that both see the same machine load. Decode tokens/s =
 (N - 1) / (time of generating N tokens - time of generating 1), so the prefill is excluded. Acceptance rate =
 drafted tokens the model kept / drafted tokens (ours). Prints one JSON object.
@@ -27,7 +27,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
+from gptforge.commands.decoding_args import passive_openmp
+
+passive_openmp()  # as `gptforge generate` does, for both libraries: spinning OpenMP workers ruin a loaded host
+import torch  # noqa: E402  (after the OpenMP setting, which libgomp reads once)
 
 
 def code_prompts(tokenizer, budget: int) -> dict[str, list[int]]:

@@ -499,9 +499,10 @@ class _SamplingRun:
 
         Each step feeds the newest token plus up to `prompt_lookup_num_tokens` tokens drafted from the
         context in one forward pass and keeps the drafts the model agrees with, then the model's own next
-        token. Rejected drafts need no cache rollback: their slots lie past the kept length, so the causal
-        mask hides them (kv_len stops before them) until the next pass overwrites them. The forward pass
-        changes shape every step, so it runs eagerly (no compiled step).
+        token (drafts shrink by one after a rejection and grow by two after a draft kept whole, up to the
+        limit: the schedule transformers uses for draft models). Rejected drafts need no cache rollback:
+        their slots lie past the kept length, so the causal mask hides them (kv_len stops before them)
+        until the next pass overwrites them. The pass changes shape every step, so it runs eagerly.
         """
         model, params = self.model, self.params
         device = next(model.parameters()).device
@@ -514,15 +515,20 @@ class _SamplingRun:
                 logits = model(torch.tensor([prompt], device=device), cache_slots=torch.arange(width, device=device),
                                last_only=True)[0]  # (1, V)
                 draft: list[int] = []
+                limit = params.prompt_lookup_num_tokens
                 while True:
+                    kept = self.accepted[r]
                     self._keep_verified(r, logits, draft, prompt, width)
+                    kept = self.accepted[r] - kept
+                    if draft:  # a miss costs a wider pass: draft less after one, more after a draft fully kept
+                        limit = min(params.prompt_lookup_num_tokens, limit + 2) if kept == len(draft) \
+                            else max(1, limit - 1)
                     yield step
                     step += 1
                     if row.done:
                         break
                     slot = width + row.sampled - 1  # where the newest token goes; verify passes write after it
-                    room = min(params.prompt_lookup_num_tokens, params.max_new_tokens - row.sampled - 1,
-                               block - 1 - slot)
+                    room = min(limit, params.max_new_tokens - row.sampled - 1, block - 1 - slot)
                     constraint = self.constraints[r]
                     # Token healing restricts the first tokens by their bytes: those are decoded one by one.
                     draft = [] if constraint is not None and constraint.active else \
