@@ -4,10 +4,11 @@ Code-editing prompts, taken from the running Python's standard library (no downl
 - "edit": a function, then the start of the same function with one name changed, to be continued;
 - "continue": the start of a file that repeats its identifiers (`stat.py`), to be continued.
 Both libraries decode the same token ids greedily with the same weights (the gptforge model folder is
-loaded by `transformers.AutoModelForCausalLM` as saved; `OMP_WAIT_POLICY=PASSIVE` as the CLI sets it), plain and with prompt lookup (`prompt_lookup_num_tokens`,
-`max_matching_ngram_size`), timed alternately so that both see the same machine load. Decode tokens/s =
-(N - 1) / (time of generating N tokens - time of generating 1), so the prefill is excluded. Acceptance rate =
-drafted tokens the model kept / drafted tokens (ours). Prints one JSON object.
+loaded by `transformers.AutoModelForCausalLM` as saved; `OMP_WAIT_POLICY=PASSIVE`, as the CLI sets it),
+plain and with prompt lookup (`prompt_lookup_num_tokens`, `max_matching_ngram_size`), timed alternately so
+that both see the same machine load. Decode tokens/s = (N - 1) / (time of generating N tokens - time of
+generating 1), so the prefill is excluded. Acceptance rate = drafted tokens the model kept / drafted tokens
+(ours). Prints one JSON object.
 
 A random-init model never repeats its context, so the model must have learnt to copy, e.g. the small
 code model of `gptforge pretrain --config configs/stdlib-code.yaml` (its `best` folder):
