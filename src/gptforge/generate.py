@@ -24,6 +24,7 @@ from .emitter import SequenceEmitter
 from .healing import HealedPrompt, heal_prompt
 from .sampling import (FILTERED, SamplingParams, StopStringMatcher, make_generator, process_logits,
                        sample_next_token, token_logprobs)
+from .speculative import accept_draft, find_draft
 
 Prompt = Union[str, Sequence[int]]
 Prompts = Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]]]
@@ -44,6 +45,8 @@ class GenerationOutput:
     prompt_logprobs: Optional[list[Optional[float]]] = None  # with echo: per prompt token (None for the first)
     prompt_top_logprobs: Optional[list[Optional[dict[int, float]]]] = None
     score: Optional[float] = None  # beam search: length-penalised sum of log-probabilities
+    draft_tokens: Optional[int] = None  # prompt lookup: tokens drafted from the context and verified
+    accepted_draft_tokens: Optional[int] = None  # prompt lookup: drafted tokens the model kept
 
 
 # ---- inputs --------------------------------------------------------------------------------------
@@ -429,6 +432,8 @@ class _SamplingRun:
                      for i in self.index]
         self.constraints = [healed[i].constraint() if healed[i] is not None else None for i in self.index]
         self.read = [0] * len(self.rows)  # how much of each row's text a streaming consumer has taken
+        self.drafted = [0] * len(self.rows)  # prompt lookup: tokens drafted and accepted per row
+        self.accepted = [0] * len(self.rows)
         # One generator per row: seed, seed+1, ... for a prompt's sequences, so a prompt samples the same
         # tokens whether it runs alone or in a batch. Without a seed the global RNG seeds them.
         self.generators: list[Optional[torch.Generator]] = []
@@ -479,6 +484,9 @@ class _SamplingRun:
 
     def steps(self) -> Iterator[int]:
         """Run the decode loop, yielding after each step (so `stream` can forward deltas)."""
+        if self.params.prompt_lookup_num_tokens:
+            yield from self._lookup_steps()
+            return
         model, params, rows = self.model, self.params, self.rows
         device = next(model.parameters()).device
         batch = _Batch(self.prompts, device, self.pad_id)
@@ -509,19 +517,94 @@ class _SamplingRun:
                 positions = (slot_t[None, :] - pads[:, None]) if pads is not None else None
                 logits = step_fn(next_ids, positions, slot_t, key_mask, fixed_len or slot + 1)
 
+    def _lookup_steps(self) -> Iterator[int]:
+        """Prompt-lookup speculative decoding (gptforge.speculative), one output row after the other.
+
+        Each step feeds the newest token plus up to `prompt_lookup_num_tokens` tokens drafted from the
+        context in one forward pass and keeps the drafts the model agrees with, then the model's own next
+        token (drafts shrink by one after a rejection and grow by two after a draft kept whole, up to the
+        limit: the schedule transformers uses for draft models; after n drafts in a row rejected whole,
+        n plain steps come before the next draft). Rejected drafts need no cache rollback:
+        their slots lie past the kept length, so the causal mask hides them (kv_len stops before them)
+        until the next pass overwrites them. The pass changes shape every step, so it runs eagerly.
+        """
+        model, params = self.model, self.params
+        device = next(model.parameters()).device
+        block = model.config.block_size
+        step = 0
+        for r, row in enumerate(self.rows):
+            prompt = self.prompts[self.index[r]]
+            width = len(prompt)
+            with _BorrowedCache(model, 1, min(width + params.max_new_tokens, block)):
+                logits = model(torch.tensor([prompt], device=device), cache_slots=torch.arange(width, device=device),
+                               last_only=True)[0]  # (1, V)
+                draft: list[int] = []
+                limit, misses, wait = params.prompt_lookup_num_tokens, 0, 0
+                while True:
+                    kept = self.accepted[r]
+                    self._keep_verified(r, logits, draft, prompt, width)
+                    kept = self.accepted[r] - kept
+                    if draft:  # a miss costs a wider pass: draft less after one, more after a draft fully kept
+                        limit = min(params.prompt_lookup_num_tokens, limit + 2) if kept == len(draft) \
+                            else max(1, limit - 1)
+                        # After n drafts in a row rejected whole, take n plain steps before drafting again.
+                        misses = 0 if kept else min(misses + 1, 8)
+                        wait = misses
+                    elif wait:
+                        wait -= 1
+                    yield step
+                    step += 1
+                    if row.done:
+                        break
+                    slot = width + row.sampled - 1  # where the newest token goes; verify passes write after it
+                    room = 0 if wait else min(limit, params.max_new_tokens - row.sampled - 1, block - 1 - slot)
+                    constraint = self.constraints[r]
+                    # Token healing restricts the first tokens by their bytes: those are decoded one by one.
+                    draft = [] if constraint is not None and constraint.active else \
+                        find_draft(list(prompt) + row.tokens, room, params.max_matching_ngram_size)
+                    ids = torch.tensor([[row.tokens[-1]] + draft], device=device)
+                    logits = model(ids, cache_slots=torch.arange(slot, slot + ids.shape[1], device=device),
+                                   kv_len=slot + ids.shape[1])[0]  # (1 + len(draft), V)
+
+    def _keep_verified(self, r: int, logits: torch.Tensor, draft: list[int], prompt: list[int], width: int) -> None:
+        """Choose row r's next tokens from one verify pass and push them through its emitter."""
+        params, row, constraint = self.params, self.rows[r], self.constraints[r]
+        raw = logits.float()
+        if constraint is not None and constraint.active:  # only without a draft (see _lookup_steps)
+            raw = raw.clone()
+            raw[0].masked_fill_(~constraint.allowed(0), FILTERED)
+        tokens = accept_draft(raw, draft, params, row.tokens, prompt, self.generators[r])
+        if constraint is not None and constraint.active:
+            constraint.advance(tokens[0])
+        self.drafted[r] += len(draft)
+        self.accepted[r] += len(tokens) - 1
+        chosen: list[Optional[float]] = [None] * len(tokens)
+        tops: Optional[list[Any]] = None
+        if params.logprobs or params.top_logprobs:  # from the unprocessed logits, as plain decoding reports them
+            chosen, tops = token_logprobs(logits[:len(tokens)], torch.tensor(tokens), params.top_logprobs)
+        for i, token in enumerate(tokens):
+            row.push(token, chosen[i], tops[i] if tops is not None else None)
+            if width + row.sampled - 1 >= self.model.config.block_size:  # the context is full
+                row.finish("length")
+            if row.done:
+                break
+
     def run(self) -> Iterator[GenerationOutput]:
         for _ in self.steps():
             pass
-        for index, row in zip(self.index, self.rows):
-            yield self._output(index, row)
+        for r, (index, row) in enumerate(zip(self.index, self.rows)):
+            yield self._output(r, index, row)
 
-    def _output(self, index: int, row: SequenceEmitter) -> GenerationOutput:
+    def _output(self, r: int, index: int, row: SequenceEmitter) -> GenerationOutput:
         params = self.params
         want = params.logprobs or params.top_logprobs > 0
+        lookup = params.prompt_lookup_num_tokens > 0
         return GenerationOutput(index=index, text=row.final_text(), token_ids=row.tokens,
                                 finish_reason=row.finish_reason or "length", prompt_token_ids=row.prompt_ids,
                                 stop_reason=row.stop_reason, logprobs=row.logprobs if want else None,
-                                top_logprobs=[dict(t) for t in row.top_logprobs] if params.top_logprobs else None)
+                                top_logprobs=[dict(t) for t in row.top_logprobs] if params.top_logprobs else None,
+                                draft_tokens=self.drafted[r] if lookup else None,
+                                accepted_draft_tokens=self.accepted[r] if lookup else None)
 
 
 # ---- beam search -------------------------------------------------------------------------------

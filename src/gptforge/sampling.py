@@ -48,6 +48,8 @@ class SamplingParams:
     early_stopping: Union[bool, str] = False  # True, False or "never" as in HF beam search
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_lookup_num_tokens: int = 0  # speculative decoding: draft up to this many tokens from the context
+    max_matching_ngram_size: int = 2  # the longest n-gram matched when drafting (transformers' default)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -162,6 +164,13 @@ class SamplingParams:
             self.top_logprobs = max(self.top_logprobs, self.logprobs) if is_int(self.top_logprobs) else self.logprobs
             self.logprobs = True
         need(is_int(self.top_logprobs) and 0 <= self.top_logprobs <= 20, "top_logprobs", "an integer in [0, 20]")
+        need(is_int(self.prompt_lookup_num_tokens) and self.prompt_lookup_num_tokens >= 0, "prompt_lookup_num_tokens",
+             "an integer >= 0 (0 disables prompt-lookup decoding)")
+        need(is_int(self.max_matching_ngram_size) and self.max_matching_ngram_size >= 1, "max_matching_ngram_size",
+             "an integer >= 1")
+        if self.prompt_lookup_num_tokens:
+            need(self.num_beams == 1, "prompt_lookup_num_tokens", "0 with beam search (num_beams > 1): prompt-lookup "
+                 "decoding verifies drafts for greedy decoding and sampling only")
         return self
 
 

@@ -36,6 +36,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-beams", type=int, default=1)
     group.add_argument("--length-penalty", type=float, default=1.0)
     group.add_argument("--early-stopping", choices=["true", "false", "never"], default="false")
+    group.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                       help="speculative decoding: draft up to N tokens by matching the text's last n-gram against "
+                            "earlier text and verify them in one pass (same output; faster when the output "
+                            "repeats its context, as when editing code; see docs/generate.md)")
+    group.add_argument("--prompt-lookup-ngram", type=int, default=2, metavar="N",
+                       help="the longest n-gram matched when drafting (default: 2)")
     group.add_argument("--no-token-healing", dest="token_healing", action="store_false",
                        help="feed a text prompt's last token as it is (default: let the model re-choose it, so "
                             "a prompt may end mid-word or after a space; see docs/generate.md)")
@@ -70,7 +76,8 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 no_repeat_ngram_size=args.no_repeat_ngram_size, logit_bias=bias or None, stop=args.stop,
                 eos_token_id=args.eos_token_id, seed=args.seed, num_beams=args.num_beams,
-                length_penalty=args.length_penalty, early_stopping=early)
+                length_penalty=args.length_penalty, early_stopping=early,
+                prompt_lookup_num_tokens=args.prompt_lookup, max_matching_ngram_size=args.prompt_lookup_ngram)
 
 
 def load_for_decoding(args: argparse.Namespace, purpose: str) -> tuple[Any, Any]:
