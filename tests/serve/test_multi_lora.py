@@ -18,7 +18,8 @@ openai = pytest.importorskip("openai")
 
 KEY = "sk-lora"
 MODEL = "tiny-chat"
-BANNED = (0, 3)  # <|endoftext|> and <|im_end|>: every reply runs to max_tokens
+BANNED = (0, 1, 2, 3)  # the special tokens: every reply runs to max_tokens and is plain text (the server hides
+# special tokens, the reference decodes them; text around them would differ, not the tokens)
 PROMPTS = ["The quick brown fox jumps over the lazy dog. Once upon a time", "Hello world! {\"name\": "]
 ADAPTERS = {"alpha": (["attn.qkv", "attn.out"], 4, 1), "beta": (["attn.qkv", "mlp.up", "mlp.down"], 8, 2)}
 

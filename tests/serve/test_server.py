@@ -377,6 +377,7 @@ def test_chat_page_in_headless_chromium(server, client, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.common.exceptions import TimeoutException
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -443,10 +444,18 @@ def test_chat_page_in_headless_chromium(server, client, tmp_path):
         by_id("compare").click()
         set_value("temperature", "1")
         set_value("max-tokens", "10")
-        by_id("prompt").send_keys("Tell me a story")
-        by_id("send").click()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".pair .message.assistant[data-done='true']")) == 2)
-        pair = driver.find_element(By.CSS_SELECTOR, ".pair")
+        for attempt in range(1, 4):  # a sampled answer can be empty (EOS first); the page offers no pick then
+            if attempt > 1:
+                by_id("clear").click()  # the same one-turn conversation again (compare mode stays on)
+            by_id("prompt").send_keys("Tell me a story")
+            by_id("send").click()
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".pair .message.assistant[data-done='true']")) == 2)
+            pair = driver.find_element(By.CSS_SELECTOR, ".pair")
+            try:
+                WebDriverWait(driver, 10).until(lambda d: len(pair.find_elements(By.CSS_SELECTOR, ".pick")) == 2)
+                break
+            except TimeoutException:
+                assert attempt < 3, "no pair of non-empty answers in three tries"
         a_text, b_text = (driver.execute_script("return arguments[0].textContent", m)
                           for m in pair.find_elements(By.CSS_SELECTOR, ".message.assistant"))
         pair_id = pair.find_element(By.CSS_SELECTOR, ".answer").get_attribute("data-response-id")
