@@ -46,6 +46,20 @@ def figure(ours: float, theirs: float) -> dict[str, float]:
     return {"gptforge_tok_s": round(ours, 2), "transformers_tok_s": round(theirs, 2), "ratio": round(ours / theirs, 3)}
 
 
+def best_times_alternating(ours_fn: Callable[[], None], theirs_fn: Callable[[], None],
+                           repeats: int) -> tuple[float, float]:
+    """Best times of both sides after a warm-up, measured alternately so that both see the same machine load."""
+    ours_fn()
+    theirs_fn()
+    ours_times, theirs_times = [], []
+    for _ in range(repeats):
+        for fn, times in ((ours_fn, ours_times), (theirs_fn, theirs_times)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return min(ours_times), min(theirs_times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt2", help="gptforge config preset (default: gpt2, 124M)")
@@ -87,16 +101,7 @@ def main() -> None:
                         do_sample=False)
 
     def paired(ours_fn: Callable[[], None], hf_fn: Callable[[], None]) -> tuple[float, float]:
-        """Best times of both sides, measured alternately so that both see the same machine load."""
-        ours_fn()
-        hf_fn()
-        ours_times, hf_times = [], []
-        for _ in range(args.repeats):
-            for fn, times in ((ours_fn, ours_times), (hf_fn, hf_times)):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-        return min(ours_times), min(hf_times)
+        return best_times_alternating(ours_fn, hf_fn, args.repeats)
 
     def decode_rates(batch: int) -> dict[str, float]:
         prompts = torch.randint(0, vocab, (batch, 16))

@@ -25,6 +25,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from decode import best_times_alternating  # same timing rule as benchmarks/decode.py
+
 
 def figure(ours: float, theirs: float) -> dict[str, float]:
     return {"gptforge_tok_s": round(ours, 2), "transformers_tok_s": round(theirs, 2), "ratio": round(ours / theirs, 3)}
@@ -105,16 +107,7 @@ def main() -> None:
                         do_sample=False)
 
     def paired(ours_fn: Callable[[], None], hf_fn: Callable[[], None]) -> tuple[float, float]:
-        """Best times of both sides, measured alternately so that both see the same machine load."""
-        ours_fn()
-        hf_fn()
-        ours_times, hf_times = [], []
-        for _ in range(args.repeats):
-            for fn, times in ((ours_fn, ours_times), (hf_fn, hf_times)):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-        return min(ours_times), min(hf_times)
+        return best_times_alternating(ours_fn, hf_fn, args.repeats)
 
     def decode_rates(batch: int) -> dict[str, float]:
         prompts = torch.randint(0, args.vocab, (batch, 16))
