@@ -233,6 +233,29 @@ class GatewayMiddleware:
 ModelLoader = Callable[[], tuple[Any, Any]]  # -> (model, tokenizer)
 
 
+def _endpoints(state: ServerState, engine: Any, tokenizer: Any) -> Endpoints:
+    """One serving object per endpoint over the loaded engine (grammars built once, here)."""
+    from .grammar import GrammarEngine
+    from .serving_chat import ChatServing
+    from .serving_completions import CompletionServing
+    from .serving_embeddings import EmbeddingServing
+    from .serving_infill import InfillServing
+    from .serving_tokenize import TokenizeServing
+
+    options = state.options
+    # Built once here (about a second for a 50k vocabulary), not by the first structured request.
+    grammars = GrammarEngine(tokenizer, engine.vocab_size, engine.stop_ids)
+    common = dict(redact_content=options.redact_pii == "content", rate_limiter=state.rate_limiter,
+                  moderator=state.moderator, grammars=grammars)
+    name = options.model_name
+    return Endpoints(
+        completions=CompletionServing(engine, tokenizer, name, **common),
+        chat=ChatServing(engine, tokenizer, name, **common),
+        tokenization=TokenizeServing(engine, tokenizer, name, **common),
+        embeddings=EmbeddingServing(engine, tokenizer, name, pooling=options.embedding_pooling, **common),
+        infill=InfillServing(engine, tokenizer, name, **common))
+
+
 def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> FastAPI:
     """The server app; `loader()` runs in a background thread at startup and returns (model, tokenizer)."""
     options = options or ServerOptions()
@@ -242,12 +265,6 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
 
     def load() -> None:
         from .engine import Engine
-        from .grammar import GrammarEngine
-        from .serving_chat import ChatServing
-        from .serving_completions import CompletionServing
-        from .serving_embeddings import EmbeddingServing
-        from .serving_infill import InfillServing
-        from .serving_tokenize import TokenizeServing
 
         try:
             model, tokenizer = loader()
@@ -264,17 +281,7 @@ def create_app(loader: ModelLoader, options: Optional[ServerOptions] = None) -> 
             state.engine = engine
             if state.feedback is not None:
                 state.feedback.tokenizer = tokenizer
-            # Built once here (about a second for a 50k vocabulary), not by the first structured request.
-            grammars = GrammarEngine(tokenizer, engine.vocab_size, engine.stop_ids)
-            common = dict(redact_content=options.redact_pii == "content", rate_limiter=state.rate_limiter,
-                          moderator=state.moderator, grammars=grammars)
-            state.endpoints = Endpoints(
-                completions=CompletionServing(engine, tokenizer, options.model_name, **common),
-                chat=ChatServing(engine, tokenizer, options.model_name, **common),
-                tokenization=TokenizeServing(engine, tokenizer, options.model_name, **common),
-                embeddings=EmbeddingServing(engine, tokenizer, options.model_name, pooling=options.embedding_pooling,
-                                            **common),
-                infill=InfillServing(engine, tokenizer, options.model_name, **common))
+            state.endpoints = _endpoints(state, engine, tokenizer)
             log.info("model %s ready", options.model_name,
                      extra={"fields": {"params": model.num_params(), "block_size": engine.block_size,
                                        "max_batch": options.max_batch, "lora_adapters": list(options.lora)}})
