@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 from typing import Any
+
+from . import passive_openmp  # noqa: F401  (re-exported: generate, chat and serve call it)
 
 # The names `gptforge.loading.resolve_dtype` accepts (kept here so `--help` needs no torch import).
 DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
@@ -45,17 +45,6 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-token-healing", dest="token_healing", action="store_false",
                        help="feed a text prompt's last token as it is (default: let the model re-choose it, so "
                             "a prompt may end mid-word or after a space; see docs/generate.md)")
-
-
-def passive_openmp() -> None:
-    """Let idle OpenMP workers sleep instead of spin: call before torch is imported (a user's setting wins).
-
-    Decoding runs many small ops; spinning workers then burn the cores that the other thread, the event
-    loop or another process on a shared machine needs. Measured on a loaded 2-core host (llama-small, fp32,
-    2 threads): 5 tok/s spinning against 13-18 tok/s passive. libgomp reads the setting once, at load.
-    """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import passive_openmp
+
+    passive_openmp()  # before torch loads: on a shared machine spinning workers cost 3x (see there)
     from ..train.pretrain import load_recipe, pretrain
 
     recipe = load_recipe(args.config, getattr(args, "overrides", []))
