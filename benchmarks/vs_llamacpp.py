@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 # What gptforge's decoding commands do before torch loads OpenMP (gptforge.commands.decoding_args): idle
 # workers sleep instead of spinning. Set OMP_WAIT_POLICY=ACTIVE to measure the spinning default instead.

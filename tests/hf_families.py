@@ -24,8 +24,6 @@ def _longrope(rotary_dim: int) -> dict:
 
 def hf_config(case: str, **overrides):
     """The transformers config of a named case (`overrides` replace config keys, e.g. vocab_size)."""
-    import transformers as T
-
     config = _hf_config(case)
     for key, value in overrides.items():
         setattr(config, key, value)

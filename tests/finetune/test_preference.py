@@ -14,7 +14,6 @@ from finetune_helpers import write_jsonl
 from gptforge.cli import main
 from gptforge.data.preference import collate_pairs, encode_pair, render_pair
 from gptforge.data.records import Record
-from gptforge.data.sft import Example
 from gptforge.errors import ConfigError, DataError
 from gptforge.finetune.preference import PreferenceObjective, PreferenceSettings, ReferenceModel, sequence_logps
 from gptforge.finetune.recipe import load_recipe, recipe_from_dict
