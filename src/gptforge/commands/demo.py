@@ -27,9 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import passive_openmp
+    from . import short_spin_openmp
 
-    passive_openmp()  # before torch loads: on a shared machine spinning workers cost 3x (see there)
+    short_spin_openmp()  # before torch loads: long spinning costs a shared machine (see there)
     from ..demo import DEFAULT_MINUTES, DEFAULT_PROMPTS, run_demo
 
     if args.max_new_tokens < 1:
