@@ -52,7 +52,7 @@ DECODE_SCHEMA = {"type": "object", "required": ["notes"], "additionalProperties"
 
 def corpus(limit_chars: int = 24_000_000) -> Iterator[str]:
     """tinyshakespeare (when present) and the standard library's Python sources: enough text for 50k merges."""
-    shakespeare = Path("/work/shared/data/tinyshakespeare.txt")
+    shakespeare = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
     if shakespeare.is_file():
         yield shakespeare.read_text(encoding="utf-8")
     seen = 0

@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -44,6 +44,13 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
 
 def figure(ours: float, theirs: float) -> dict[str, float]:
     return {"gptforge_tok_s": round(ours, 2), "transformers_tok_s": round(theirs, 2), "ratio": round(ours / theirs, 3)}
+
+
+def hf_greedy(hf: Any, prompts: torch.Tensor, new: int) -> None:
+    """transformers' greedy `generate` of exactly `new` tokens (no early EOS), the peer's side of a timing."""
+    with torch.inference_mode():
+        hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new,
+                    do_sample=False)
 
 
 def best_times_alternating(ours_fn: Callable[[], None], theirs_fn: Callable[[], None],
@@ -96,9 +103,7 @@ def main() -> None:
         generate(ours, prompts.tolist(), max_new_tokens=new, eos_token_id=[], compile=compile)
 
     def hf_run(prompts: torch.Tensor, new: int) -> None:
-        with torch.inference_mode():
-            hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new,
-                        do_sample=False)
+        hf_greedy(hf, prompts, new)
 
     def paired(ours_fn: Callable[[], None], hf_fn: Callable[[], None]) -> tuple[float, float]:
         return best_times_alternating(ours_fn, hf_fn, args.repeats)

@@ -15,7 +15,7 @@ tokens/s, counting the tokens of the chosen and rejected sequences (prompt + ans
     python benchmarks/dpo_vs_trl.py [--threads 2] [--steps 6] [--rounds 2] [--batch 8] [--dim 256 --layers 4]
 Prints one JSON object: {"ours", "peer", "ratio"} in tokens/s (median over steps, ratio = ours / peer), the
 same per CPU-second of the process (steadier on a shared machine), the settings and the load average.
-Text: /work/shared/data/tinyshakespeare.txt when present (or --text FILE), else generated sentences.
+Text: ../shared/data/tinyshakespeare.txt when present (or --text FILE), else generated sentences.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_TEXT = Path("/work/shared/data/tinyshakespeare.txt")
+DEFAULT_TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def parse_args() -> argparse.Namespace:

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from decode import best_times_alternating  # same timing rule as benchmarks/decode.py
+from decode import best_times_alternating, hf_greedy  # same timing rule as benchmarks/decode.py
 
 
 def figure(ours: float, theirs: float) -> dict[str, float]:
@@ -102,9 +102,7 @@ def main() -> None:
         generate(ours, prompts.tolist(), max_new_tokens=new, eos_token_id=[])
 
     def hf_run(prompts: torch.Tensor, new: int) -> None:
-        with torch.inference_mode():
-            hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new,
-                        do_sample=False)
+        hf_greedy(hf, prompts, new)
 
     def paired(ours_fn: Callable[[], None], hf_fn: Callable[[], None]) -> tuple[float, float]:
         return best_times_alternating(ours_fn, hf_fn, args.repeats)
