@@ -3,9 +3,11 @@
 Pretrains the demo recipe (src/gptforge/recipes/stdlib-code.yaml, shortened by the options) once per
 `--rates` value, identical but for data.fim_rate. Validation documents are never FIM-transformed, so every
 run's validation loss is a left-to-right figure on the same documents; it is reported per character
-(the tokenizers differ by the four FIM tokens). For each FIM model, infill exact match: a held-out line
+(the tokenizers differ by the four FIM tokens), and as bits per byte on held-out non-stdlib Python
+(`gptforge.eval.heldout`, the demo's figure). For each FIM model, infill exact match: a held-out line
 of a validation file is removed, the model fills the gap from the text around it (greedy), and the
-middle must equal the line exactly.
+middle must equal the line exactly. The model without FIM gets the same cases from the prefix alone
+(its first generated line), the baseline an editor without infill would have.
 
     python benchmarks/fim_quality.py --steps 300 --max-bytes 1000000 --rates 0 0.5
 """
@@ -22,6 +24,7 @@ import torch
 
 from gptforge.data.corpus import Corpus
 from gptforge.data.shards import _doc_in_val, load_prepared
+from gptforge.eval.heldout import bits_per_byte, load_heldout_python
 from gptforge.generate import generate
 from gptforge.loading import load
 from gptforge.train.pretrain import load_recipe, pretrain
@@ -67,13 +70,24 @@ def infill_cases(docs: list[str], n: int, seed: int = 0) -> list[tuple[str, str,
     return cases
 
 
-def infill_exact_match(run: Path, cases: list[tuple[str, str, str]]) -> float:
+def infill_exact_match(run: Path, cases: list[tuple[str, str, str]], use_suffix: bool) -> float:
+    """Share of cases whose middle line the model restores exactly (greedy); without the suffix,
+    the first line the model continues the prefix with."""
     model, tok = load(run / "model")
     hits = 0
     for prefix, line, suffix in cases:
-        out = generate(model, prefix, tok, suffix=suffix, max_new_tokens=40, temperature=0, truncate_prompt=True)
-        hits += out[0].text == line
+        if use_suffix:
+            out = generate(model, prefix, tok, suffix=suffix, max_new_tokens=40, temperature=0, truncate_prompt=True)
+            hits += out[0].text == line
+        else:
+            text = generate(model, prefix, tok, max_new_tokens=40, temperature=0, truncate_prompt=True)[0].text
+            hits += "\n" in text and text.split("\n")[0].rstrip() == line.rstrip()
     return hits / len(cases)
+
+
+def heldout_bits_per_byte(run: Path, texts: list[str]) -> float:
+    model, tok = load(run / "model")
+    return bits_per_byte(model, tok, texts)["bits_per_byte"]
 
 
 def main() -> None:
@@ -91,6 +105,7 @@ def main() -> None:
     docs = val_documents(args)
     chars = sum(len(d) for d in docs)
     cases = infill_cases(docs, args.cases)
+    heldout = [c.text for c in load_heldout_python().chunks]
     report = {"steps": args.steps, "batch_size": args.batch_size, "max_bytes": args.max_bytes, "val_documents": len(docs), "runs": []}
     for rate in args.rates:
         started = time.perf_counter()
@@ -98,9 +113,13 @@ def main() -> None:
         manifest = load_prepared(Path(args.out) / f"fim{rate}" / "data").manifest
         nats_per_char = val_loss * manifest["split_tokens"]["val"] / chars
         entry = {"fim_rate": rate, "val_loss_nats_per_token": round(val_loss, 4),
-                 "val_nats_per_char": round(nats_per_char, 4), "train_seconds": round(time.perf_counter() - started)}
+                 "val_nats_per_char": round(nats_per_char, 4),
+                 "heldout_bits_per_byte": round(heldout_bits_per_byte(run, heldout), 4),
+                 "train_seconds": round(time.perf_counter() - started)}
         if rate > 0:
-            entry["infill_exact_match"] = infill_exact_match(run, cases)
+            entry["infill_exact_match"] = infill_exact_match(run, cases, use_suffix=True)
+        else:
+            entry["prefix_only_exact_match"] = infill_exact_match(run, cases, use_suffix=False)
         report["runs"].append(entry)
         print(json.dumps(entry), flush=True)
     print(json.dumps(report))

@@ -35,15 +35,30 @@ import torch  # noqa: E402  (after the OpenMP setting, which libgomp reads once)
 
 
 def code_prompts(tokenizer, budget: int) -> dict[str, list[int]]:
-    """The two code-editing prompts as token ids, each at most `budget` tokens."""
+    """The two code-editing prompts as token ids, each at most `budget` tokens.
+
+    The edit prompt takes the longest of a few stdlib functions whose source and edited start fit the
+    budget whole (a small model's context holds only a short function; cut, the original is lost)."""
+    import calendar
+    import fnmatch
+    import re
+    import shlex
     import textwrap
 
-    source = inspect.getsource(textwrap.TextWrapper._split_chunks) + inspect.getsource(textwrap.TextWrapper._split)
-    edited = source.replace("text", "string")
+    candidates = [(inspect.getsource(textwrap.TextWrapper._split_chunks)
+                   + inspect.getsource(textwrap.TextWrapper._split), "text", "string"),
+                  (inspect.getsource(fnmatch.filter), r"\bnames\b", "files"),
+                  (inspect.getsource(shlex.quote), r"\bs\b", "text"),
+                  (inspect.getsource(calendar.leapdays), r"\by1\b", "first"),
+                  (inspect.getsource(calendar.isleap), r"\byear\b", "y")]
+    for source, old, new in candidates:
+        edited = re.sub(old, new, source)
+        edit = tokenizer.encode(source + "\n\n" + edited[:edited.index("\n", 40) + 1])
+        if len(edit) <= budget:
+            break
     stat = (Path(sysconfig.get_paths()["stdlib"]) / "stat.py").read_text(encoding="utf-8")
     start = stat.index("def S_ISDIR")
-    prompts = {"edit": tokenizer.encode(source + "\n\n" + edited[:edited.index("\n", 40) + 1]),
-               "continue": tokenizer.encode(stat[start - 400:start + 300])}
+    prompts = {"edit": edit, "continue": tokenizer.encode(stat[start - 400:start + 300])}
     return {name: ids[-budget:] for name, ids in prompts.items()}
 
 

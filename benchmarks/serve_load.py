@@ -13,7 +13,12 @@ fired by an asyncio client at each concurrency. The peer, measured in the same r
   (`--prefix-cache-mb 0`); the figure is the time to first token of each turn, the last turn's above all; or
 - `--peer one-adapter`: one server with `--adapters` LoRA adapters (rank 8 on attention and MLP); at each
   concurrency, requests spread over all the adapters (so every batch mixes them) against the same requests
-  all for one adapter, and for the base model alone.
+  all for one adapter, and for the base model alone; or
+- `--peer prompt-lookup` (with `--model DIR`, a trained model that copies code, and $LLAMACPP_BIN): one
+  code-editing request at a time (benchmarks/prompt_lookup.py's "edit" prompt: a function, then its start
+  with a name changed), greedy, on our server with `--prompt-lookup 10` and with it off per request, and on
+  llama-server with `--spec-type ngram-simple` (n-gram 2, drafts of 10) and without, same GGUF weights;
+  the replies' texts are compared.
 Prints one JSON object: our figures per concurrency, the peer's, and their ratios.
 
     python benchmarks/serve_load.py                         # the full run (about a minute on 2 cores)
@@ -22,6 +27,8 @@ Prints one JSON object: our figures per concurrency, the peer's, and their ratio
         --preset llama-small --concurrency 1,16 --repeats 3
     python benchmarks/serve_load.py --peer prefix-cache-off --preset llama-small --conversations 3
     python benchmarks/serve_load.py --peer one-adapter --preset llama-micro --concurrency 8
+    LLAMACPP_BIN=/root/.cache/llamacpp/bin python benchmarks/serve_load.py --peer prompt-lookup \
+        --model runs/stdlib-code/model --max-tokens 96 --requests-per-level 8
 """
 
 from __future__ import annotations
@@ -104,13 +111,14 @@ class Server:
         self.proc.wait(30)
 
 
-def llama_server(binaries: Path, gguf: Path, slots: int, context: int, threads: int | None) -> Server:
+def llama_server(binaries: Path, gguf: Path, slots: int, context: int, threads: int | None,
+                 extra: list[str] = (), log_name: str = "") -> Server:
     """llama.cpp's server on `gguf` with `slots` parallel sequences of `context` tokens each."""
     cmd = [str(binaries / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", "{port}",
-           "-np", str(slots), "-c", str(context * slots), "--no-webui"]
+           "-np", str(slots), "-c", str(context * slots), "--no-webui", *extra]
     if threads:
         cmd += ["-t", str(threads)]
-    server = Server(gguf, slots, threads, cmd=cmd, log=gguf.with_suffix(".log"))
+    server = Server(gguf, slots, threads, cmd=cmd, log=gguf.with_suffix(f".{log_name or 'server'}.log"))
     server.name = "llama-server"
     return server
 
@@ -138,10 +146,12 @@ async def one_request(client: httpx.AsyncClient, base: str, body: dict) -> tuple
     return ttft or 0.0, tokens or chunks
 
 
-async def run_level(base: str, model: str | list[str], concurrency: int, requests: int, body: dict) -> dict:
+async def run_level(base: str, model: str | list[str], concurrency: int, requests: int, body: dict,
+                    prompt: str | list[int] | None = None) -> dict:
     """Fire `requests` completions with at most `concurrency` in flight; tokens/s and TTFT percentiles.
 
-    `model`: one name, or names that the requests take in turn."""
+    `model`: one name, or names that the requests take in turn; `prompt`: every request's (default: a
+    short text that differs per request)."""
     models = [model] if isinstance(model, str) else model
     semaphore = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -149,7 +159,7 @@ async def run_level(base: str, model: str | list[str], concurrency: int, request
         async def task(i: int):
             async with semaphore:
                 return await one_request(client, base, {**body, "model": models[i % len(models)],
-                                                        "prompt": f"{CORPUS[i % 3]} {i}"})
+                                                        "prompt": prompt or f"{CORPUS[i % 3]} {i}"})
 
         start = time.perf_counter()
         results = await asyncio.gather(*(task(i) for i in range(requests)))
@@ -326,6 +336,70 @@ def compare_adapters(args: argparse.Namespace, levels: list[int]) -> dict:
                                             for a, b in zip(out["one_adapter"], out["base"])]}
 
 
+def compare_prompt_lookup(args: argparse.Namespace) -> dict:
+    """Code edits one at a time: ours and llama-server, each with prompt lookup and without, same weights."""
+    binaries = Path(os.environ.get("LLAMACPP_BIN", ""))
+    if not os.environ.get("LLAMACPP_BIN") or not (binaries / "llama-server").is_file():
+        return {"benchmark": "serve_load", "skipped": "--peer prompt-lookup: set LLAMACPP_BIN to a folder with "
+                "llama.cpp's llama-server; nothing was measured"}
+    if not args.model:
+        raise SystemExit("--peer prompt-lookup needs --model DIR: a trained model (a random one never copies)")
+    from prompt_lookup import code_prompts  # benchmarks/prompt_lookup.py: the same prompts as the decode figure
+
+    from gptforge.loading import load
+
+    model_dir = Path(args.model)
+    model, tokenizer = load(model_dir)
+    context = model.config.block_size
+    prompt = code_prompts(tokenizer, context - args.max_tokens)["edit"]
+    eos = {str(i): -100 for i in tokenizer.stop_token_ids()}
+    body = {"max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "logit_bias": eos}
+    del model
+    results: dict[str, list] = {k: [] for k in ("ours_plain", "ours_lookup", "llama_plain", "llama_lookup")}
+    texts: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = Path(tmp) / "model.gguf"
+        done = subprocess.run([sys.executable, "-m", "gptforge.cli", "export", "--model", str(model_dir),
+                               "--format", "gguf", "--out", str(gguf), "--dtype", args.gguf_type],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"gguf export failed: {done.stderr[-2000:]}")
+        spec = ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "2", "--spec-ngram-simple-size-m", "10"]
+        plain_peer = llama_server(binaries, gguf, 1, context, args.threads)
+        lookup_peer = llama_server(binaries, gguf, 1, context, args.threads, extra=spec, log_name="spec")
+        ours = Server(model_dir, 1, args.threads, extra=["--prompt-lookup", "10", "--served-model-name", model_dir.name])
+        with ours as server, \
+                plain_peer as peer, lookup_peer as spec_peer:
+            runs = {"ours_plain": (server.base, {**body, "prompt_lookup_num_tokens": 0}),
+                    "ours_lookup": (server.base, body),
+                    "llama_plain": (peer.base, {**body, "ignore_eos": True}),
+                    "llama_lookup": (spec_peer.base, {**body, "ignore_eos": True})}
+            for key, (base, b) in runs.items():
+                asyncio.run(run_level(base, model_dir.name, 1, 1, b, prompt))  # warm-up
+                reply = httpx.post(f"{base}/v1/completions", timeout=600,
+                                   json={**b, "stream": False, "model": model_dir.name, "prompt": prompt})
+                reply.raise_for_status()
+                texts[key] = reply.json()["choices"][0]["text"]
+            for round_ in range(args.repeats):
+                for key, (base, b) in runs.items():  # alternately, so that all four see the same load
+                    results[key].append(asyncio.run(run_level(base, model_dir.name, 1, args.requests_per_level,
+                                                              b, prompt)))
+                print(f"round {round_ + 1}/{args.repeats}: " + ", ".join(
+                    f"{k} {v[-1]['tokens_per_s']} tok/s" for k, v in results.items()), file=sys.stderr, flush=True)
+    med = {k: median_level(v) for k, v in results.items()}
+    tps = {k: v["tokens_per_s"] for k, v in med.items()}
+    return {"peer": "llama-server --spec-type ngram-simple", "gguf_type": args.gguf_type, "model_dir": str(model_dir),
+            "prompt_tokens": len(prompt), **med,
+            "speedup_ours": round(tps["ours_lookup"] / tps["ours_plain"], 3),
+            "speedup_llama_server": round(tps["llama_lookup"] / tps["llama_plain"], 3),
+            "ratio_lookup_ours_over_llama_server": round(tps["ours_lookup"] / tps["llama_lookup"], 3),
+            "ratio_plain_ours_over_llama_server": round(tps["ours_plain"] / tps["llama_plain"], 3),
+            "same_text": {"ours_lookup_vs_plain": texts["ours_lookup"] == texts["ours_plain"],
+                          "llama_lookup_vs_plain": texts["llama_lookup"] == texts["llama_plain"],
+                          "ours_vs_llama_server": texts["ours_plain"] == texts["llama_plain"]}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="micro", help="gptforge config preset (default: micro, 1.3M params)")
@@ -334,11 +408,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the server(s) (default: each server's own default)")
-    parser.add_argument("--peer", choices=["batching-off", "llama-server", "prefix-cache-off", "one-adapter"],
+    parser.add_argument("--peer", choices=["batching-off", "llama-server", "prefix-cache-off", "one-adapter",
+                                           "prompt-lookup"],
                         default="batching-off",
                         help="what to compare with (see the module docstring)")
     parser.add_argument("--gguf-type", default="f32", help="llama-server's weights: f32 | f16 | bf16 | q8_0 | q4_0")
     parser.add_argument("--repeats", type=int, default=1, help="rounds per level with --peer llama-server (medians)")
+    parser.add_argument("--model", default=None, help="a trained model folder, for --peer prompt-lookup")
     parser.add_argument("--adapters", type=int, default=4, help="LoRA adapters with --peer one-adapter")
     parser.add_argument("--conversations", type=int, default=3, help="chats with --peer prefix-cache-off (medians)")
     parser.add_argument("--turns", type=int, default=5, help="turns per chat with --peer prefix-cache-off")
@@ -353,7 +429,8 @@ def main() -> None:
     if args.peer != "batching-off":
         compare = {"llama-server": lambda: compare_llama_server(args, levels),
                    "prefix-cache-off": lambda: compare_prefix_cache(args),
-                   "one-adapter": lambda: compare_adapters(args, levels)}[args.peer]()
+                   "one-adapter": lambda: compare_adapters(args, levels),
+                   "prompt-lookup": lambda: compare_prompt_lookup(args)}[args.peer]()
         report = {**header, **compare}
         report["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         print(json.dumps(report, indent=2))

@@ -24,7 +24,7 @@ from .emitter import SequenceEmitter
 from .healing import HealedPrompt, heal_prompt
 from .sampling import (FILTERED, SamplingParams, StopStringMatcher, make_generator, process_logits,
                        sample_next_token, token_logprobs)
-from .speculative import accept_draft, find_draft
+from .speculative import DraftSchedule, accept_draft, find_draft
 
 Prompt = Union[str, Sequence[int]]
 Prompts = Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]]]
@@ -522,9 +522,7 @@ class _SamplingRun:
 
         Each step feeds the newest token plus up to `prompt_lookup_num_tokens` tokens drafted from the
         context in one forward pass and keeps the drafts the model agrees with, then the model's own next
-        token (drafts shrink by one after a rejection and grow by two after a draft kept whole, up to the
-        limit: the schedule transformers uses for draft models; after n drafts in a row rejected whole,
-        n plain steps come before the next draft). Rejected drafts need no cache rollback:
+        token (`DraftSchedule` sets the draft length). Rejected drafts need no cache rollback:
         their slots lie past the kept length, so the causal mask hides them (kv_len stops before them)
         until the next pass overwrites them. The pass changes shape every step, so it runs eagerly.
         """
@@ -539,25 +537,17 @@ class _SamplingRun:
                 logits = model(torch.tensor([prompt], device=device), cache_slots=torch.arange(width, device=device),
                                last_only=True)[0]  # (1, V)
                 draft: list[int] = []
-                limit, misses, wait = params.prompt_lookup_num_tokens, 0, 0
+                schedule = DraftSchedule(params.prompt_lookup_num_tokens)
                 while True:
                     kept = self.accepted[r]
                     self._keep_verified(r, logits, draft, prompt, width)
-                    kept = self.accepted[r] - kept
-                    if draft:  # a miss costs a wider pass: draft less after one, more after a draft fully kept
-                        limit = min(params.prompt_lookup_num_tokens, limit + 2) if kept == len(draft) \
-                            else max(1, limit - 1)
-                        # After n drafts in a row rejected whole, take n plain steps before drafting again.
-                        misses = 0 if kept else min(misses + 1, 8)
-                        wait = misses
-                    elif wait:
-                        wait -= 1
+                    schedule.update(len(draft), self.accepted[r] - kept)
                     yield step
                     step += 1
                     if row.done:
                         break
                     slot = width + row.sampled - 1  # where the newest token goes; verify passes write after it
-                    room = 0 if wait else min(limit, params.max_new_tokens - row.sampled - 1, block - 1 - slot)
+                    room = min(schedule.room(), params.max_new_tokens - row.sampled - 1, block - 1 - slot)
                     constraint = self.constraints[r]
                     # Token healing restricts the first tokens by their bytes: those are decoded one by one.
                     draft = [] if constraint is not None and constraint.active else \

@@ -11,6 +11,7 @@ token is drawn from p with d removed, renormalised.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -36,6 +37,38 @@ def find_draft(context: Sequence[int], num_tokens: int, max_ngram: int) -> list[
             start = int(hits[0, 0]) + n
             return [int(t) for t in context[start:start + num_tokens]]
     return []
+
+
+@dataclass
+class DraftSchedule:
+    """How many tokens to draft next: fewer after a rejection, more after a draft kept whole.
+
+    Drafts shrink by one after a rejection and grow by two after a full accept, up to `max_tokens` (the
+    schedule transformers uses for draft models); after n drafts in a row rejected whole, n plain steps
+    come before the next draft, so a context the model does not repeat costs little more than plain
+    decoding. `generate` and the server's engine both draft through one of these per sequence.
+    """
+
+    max_tokens: int
+    limit: int = 0
+    misses: int = 0
+    wait: int = 0
+
+    def __post_init__(self) -> None:
+        self.limit = self.max_tokens
+
+    def room(self) -> int:
+        """Draft tokens the next step may verify (0: a plain step)."""
+        return 0 if self.wait else self.limit
+
+    def update(self, drafted: int, kept: int) -> None:
+        """Record one step: `drafted` tokens were verified, `kept` of them accepted."""
+        if drafted:
+            self.limit = min(self.max_tokens, self.limit + 2) if kept == drafted else max(1, self.limit - 1)
+            self.misses = 0 if kept else min(self.misses + 1, 8)
+            self.wait = self.misses
+        elif self.wait:
+            self.wait -= 1
 
 
 def accept_draft(logits: torch.Tensor, draft: Sequence[int], params: SamplingParams, generated: Sequence[int],
@@ -76,4 +109,4 @@ def accept_draft(logits: torch.Tensor, draft: Sequence[int], params: SamplingPar
     return list(draft) + [int(bonus[0])]
 
 
-__all__ = ["find_draft", "accept_draft"]
+__all__ = ["find_draft", "accept_draft", "DraftSchedule"]

@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "postgresql://USER@HOST/DB (default: feedback.db beside the model folder; 'off' disables)")
     parser.add_argument("--feedback-retention", type=float, default=86_400.0, metavar="SECONDS",
                         help="how long responses are kept so that feedback can refer to them by id (default 1 day)")
+    parser.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                        help="prompt-lookup speculative decoding: while one sequence decodes alone, draft up to N "
+                             "tokens from its context and verify them in one pass (same output; faster on text "
+                             "that repeats its context, such as code edits). 0: off; a request's "
+                             "prompt_lookup_num_tokens overrides it")
+    parser.add_argument("--prompt-lookup-ngram", type=int, default=2, metavar="N",
+                        help="the longest n-gram matched when drafting (default 2)")
     parser.add_argument("--graceful-timeout", type=float, default=30.0,
                         help="seconds to let in-flight requests finish on SIGTERM")
 
@@ -61,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..serve.app import ServerOptions, create_app, load_model_dir, run_server
     from ..serve.auth import collect_keys
+    from ..serve.protocol import MAX_LOOKUP, MAX_LOOKUP_NGRAM
 
     model_dir = Path(args.model)
     if not model_dir.exists():
@@ -71,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
                         ("--port", args.port)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not 0 <= args.prompt_lookup <= MAX_LOOKUP:
+        raise ValueError(f"--prompt-lookup must be in [0, {MAX_LOOKUP}] (0 turns it off), got {args.prompt_lookup}")
+    if not 1 <= args.prompt_lookup_ngram <= MAX_LOOKUP_NGRAM:
+        raise ValueError(f"--prompt-lookup-ngram must be in [1, {MAX_LOOKUP_NGRAM}], got {args.prompt_lookup_ngram}")
     if not args.prefix_cache_mb >= 0:
         raise ValueError(f"--prefix-cache-mb must be >= 0 (0 turns the prefix cache off), got {args.prefix_cache_mb}")
     if not args.feedback_retention > 0:
@@ -89,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes, requests_per_minute=args.rate_limit_rpm,
         tokens_per_minute=args.rate_limit_tpm, redact_pii=args.redact_pii, moderation=args.moderation,
         embedding_pooling=args.embedding_pooling, prefix_cache_mb=args.prefix_cache_mb, feedback_db=_feedback_db(args, model_dir),
-        feedback_retention=args.feedback_retention)
+        feedback_retention=args.feedback_retention, prompt_lookup=args.prompt_lookup,
+        prompt_lookup_ngram=args.prompt_lookup_ngram)
     app = create_app(load_model_dir(model_dir, args.dtype), options)
     print(f"gptforge serve: {options.model_name} on http://{args.host}:{args.port} "
           f"({'API keys required' if options.api_keys else 'no API keys configured'}; feedback "

@@ -54,6 +54,8 @@ class ServerOptions:
     log_json: bool = True
     feedback_db: Optional[str] = None  # a SQLite file or database URL for POST /v1/feedback (None: off)
     feedback_retention: float = 86_400.0  # seconds a response is kept so that feedback can name its id
+    prompt_lookup: int = 0  # prompt-lookup draft tokens for a sequence decoding alone (0: off; requests may override)
+    prompt_lookup_ngram: int = 2  # the longest n-gram matched when drafting
 
 
 class ServerState:
@@ -246,7 +248,8 @@ def _endpoints(state: ServerState, engine: Any, tokenizer: Any) -> Endpoints:
     # Built once here (about a second for a 50k vocabulary), not by the first structured request.
     grammars = GrammarEngine(tokenizer, engine.vocab_size, engine.stop_ids)
     common = dict(redact_content=options.redact_pii == "content", rate_limiter=state.rate_limiter,
-                  moderator=state.moderator, grammars=grammars)
+                  moderator=state.moderator, grammars=grammars,
+                  prompt_lookup=(options.prompt_lookup, options.prompt_lookup_ngram))
     name = options.model_name
     return Endpoints(
         completions=CompletionServing(engine, tokenizer, name, **common),

@@ -12,6 +12,13 @@ an earlier sequence computed is copied from the store into the row, and only the
 last prompt token always runs: its logits start the reply). A sequence's blocks are stored after its
 prefill (the prompt's) and when it ends (prompt and reply, so the next turn of a chat finds its history).
 
+Prompt lookup (`gptforge.speculative`): while a sequence asking for it decodes alone, a step feeds its
+last token plus up to `prompt_lookup_num_tokens` tokens drafted from its own context and keeps the
+longest prefix the model agrees with, then the model's own token: the same tokens (greedy) or the same
+distribution (sampling) as plain steps, several tokens per forward on text that repeats its context.
+With two or more sequences running, steps are plain batched ones (a batch already fills the weights'
+reads). Rejected slots lie past the row's length, where the causal mask hides them until overwritten.
+
 LoRA adapters (`multi_lora.py`): each sequence names its adapter slot; every forward tells the adapted
 linears which adapter each row uses, so sequences of different adapters share the batch.
 
@@ -40,6 +47,7 @@ from ..sampling import SamplingParams, make_generator, process_logits, sample_ne
 from .errors import APIError
 from .metrics import ServerMetrics
 from .prefix_cache import KVBlock, PrefixCache
+from ..speculative import DraftSchedule, accept_draft, find_draft
 
 DEFAULT_PREFIX_CACHE_BYTES = 256 * 1024 * 1024
 
@@ -123,6 +131,7 @@ class _Sequence:
     cached_tokens: int = 0
     sampled_ids: list[int] = field(default_factory=list)  # every sampled token, end-of-sequence included
     digests: list[bytes] = field(default_factory=list)  # prefix-cache names of its full blocks so far
+    drafts: Optional[DraftSchedule] = None  # prompt lookup: its draft length (made on its first lookup step)
 
     @property
     def length(self) -> int:
@@ -385,6 +394,9 @@ class Engine:
 
     def _decode(self) -> None:
         seqs = self._running
+        if len(seqs) == 1 and self._drafts(seqs[0]):
+            self._decode_lookup(seqs[0])
+            return
         n = len(seqs)
         tokens = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long)  # (n, 1)
         slots = torch.tensor([[s.length - 1] for s in seqs], dtype=torch.long)  # (n, 1)
@@ -392,6 +404,44 @@ class Engine:
         logits = self._forward([s.req.adapter for s in seqs], tokens, cache_slots=slots, cache_rows=slice(0, n),
                                kv_len=kv_len)[:, -1]  # (n, V)
         self._sample(list(seqs), logits)
+
+    @staticmethod
+    def _drafts(seq: _Sequence) -> bool:
+        """Whether the sequence decodes with prompt lookup (asked for, and no constraint choosing tokens)."""
+        constraint = seq.req.constraint
+        return seq.req.params.prompt_lookup_num_tokens > 0 and \
+            (constraint is None or not getattr(constraint, "active", True))
+
+    def _decode_lookup(self, seq: _Sequence) -> None:
+        """One prompt-lookup step of a sequence decoding alone: verify a draft, emit what is kept."""
+        req, params = seq.req, seq.req.params
+        if seq.drafts is None:
+            seq.drafts = DraftSchedule(params.prompt_lookup_num_tokens)
+        slot = seq.length - 1  # where the newest token goes; the draft's tokens follow it
+        room = min(seq.drafts.room(), req.max_tokens - seq.emitter.sampled - 1, self.block_size - 1 - slot)
+        draft = find_draft(req.prompt_ids + seq.emitter.tokens, room, params.max_matching_ngram_size) \
+            if room > 0 else []
+        ids = torch.tensor([[seq.last_token] + draft], dtype=torch.long)
+        logits = self._forward([req.adapter], ids, cache_slots=torch.arange(slot, slot + ids.shape[1]),
+                               cache_rows=slice(seq.row, seq.row + 1), kv_len=slot + ids.shape[1])[0]  # (1 + k, V)
+        try:
+            tokens = accept_draft(logits, draft, params, seq.emitter.tokens, req.prompt_ids, seq.generator)
+            chosen: list[Optional[float]] = [None] * len(tokens)
+            tops: Optional[list[Any]] = None
+            if params.logprobs:  # from the unprocessed logits, as plain steps report them
+                chosen, tops = token_logprobs(logits[:len(tokens)], torch.tensor(tokens), params.top_logprobs)
+        except Exception as exc:
+            log.exception("prompt-lookup sampling failed")
+            self._fail(seq, APIError(500, f"sampling failed: {type(exc).__name__}", code="engine_error"))
+            return
+        seq.drafts.update(len(draft), len(tokens) - 1)
+        self.metrics.draft_tokens.inc(len(draft))
+        self.metrics.accepted_draft_tokens.inc(len(tokens) - 1)
+        now = time.monotonic()
+        for i, token in enumerate(tokens):
+            self._emit(seq, token, chosen[i], (tops[i] or None) if tops is not None else None, now)
+            if seq.finished:  # a stop, the token budget or the context ended it inside the draft
+                break
 
     # ---- sampling ---------------------------------------------------------------------------
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:

@@ -41,6 +41,10 @@ class ServerMetrics:
                                         registry=r)
         self.prefix_cache_capacity = Gauge("gptforge_prefix_cache_capacity_bytes",
                                            "The prefix cache's byte budget (0: off)", registry=r)
+        # Acceptance rate: rate(gptforge_accepted_draft_tokens_total) / rate(gptforge_draft_tokens_total).
+        self.draft_tokens = Counter("gptforge_draft_tokens", "Prompt-lookup draft tokens verified", registry=r)
+        self.accepted_draft_tokens = Counter("gptforge_accepted_draft_tokens",
+                                             "Prompt-lookup draft tokens the model kept", registry=r)
 
     def render(self) -> bytes:
         """The text exposition format."""

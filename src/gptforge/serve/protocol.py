@@ -15,6 +15,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; a generous cap keeps stop matching cheap
 MAX_STOP_LENGTH = 256  # characters per stop string
 MAX_PROMPTS = 1024  # prompts in one /v1/completions request (each becomes n sequences)
+MAX_LOOKUP = 64  # prompt-lookup draft tokens per verify pass (each one widens the pass)
+MAX_LOOKUP_NGRAM = 16
 
 
 def _valid_unicode(value: str) -> str:
@@ -131,6 +133,8 @@ class CompletionRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
     token_healing: bool = False  # re-choose a text prompt's last token (gptforge.healing); not with echo
     structured_outputs: Optional[StructuredOutputs] = None
+    prompt_lookup_num_tokens: Optional[int] = Field(None, ge=0, le=MAX_LOOKUP)  # None: the server's --prompt-lookup
+    max_matching_ngram_size: Optional[int] = Field(None, ge=1, le=MAX_LOOKUP_NGRAM)
 
 
 class InfillExtra(BaseModel):
@@ -168,6 +172,8 @@ class InfillRequest(BaseModel):
     stream: bool = False
     n_indent: int = Field(0, ge=0)  # stop before a new line indented less than this many columns
     return_tokens: bool = False
+    prompt_lookup_num_tokens: Optional[int] = Field(None, ge=0, le=MAX_LOOKUP)  # None: the server's --prompt-lookup
+    max_matching_ngram_size: Optional[int] = Field(None, ge=1, le=MAX_LOOKUP_NGRAM)
     response_fields: Optional[list[Text]] = None  # only these (paths such as "timings/prompt_n") are returned
     model: Optional[Text] = None
     samplers: Optional[list[Text]] = None
@@ -232,6 +238,8 @@ class ChatCompletionRequest(BaseModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     structured_outputs: Optional[StructuredOutputs] = None
+    prompt_lookup_num_tokens: Optional[int] = Field(None, ge=0, le=MAX_LOOKUP)  # None: the server's --prompt-lookup
+    max_matching_ngram_size: Optional[int] = Field(None, ge=1, le=MAX_LOOKUP_NGRAM)
 
 
 class PromptTokensDetails(BaseModel):

@@ -76,8 +76,9 @@ class ServingBase:
 
     def __init__(self, engine: Engine, tokenizer: Any, model_name: str, *, redact_content: bool = False,
                  rate_limiter: Optional[RateLimiter] = None, moderator: Optional[Moderator] = None,
-                 grammars: Optional[GrammarEngine] = None) -> None:
+                 grammars: Optional[GrammarEngine] = None, prompt_lookup: tuple[int, int] = (0, 2)) -> None:
         self.engine = engine
+        self.prompt_lookup = prompt_lookup  # the server's (draft tokens, n-gram) when a request names none
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.block_size = engine.block_size
@@ -186,7 +187,9 @@ class ServingBase:
                 top_k=body.top_k, top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=bias,
                 stop=body.stop or None, eos_token_id=list(self.stop_ids) or None, seed=body.seed,
-                logprobs=want_logprobs, top_logprobs=top_logprobs)
+                logprobs=want_logprobs, top_logprobs=top_logprobs,
+                prompt_lookup_num_tokens=_given(body, "prompt_lookup_num_tokens", self.prompt_lookup[0]),
+                max_matching_ngram_size=_given(body, "max_matching_ngram_size", self.prompt_lookup[1]))
         except ParameterError as exc:
             raise invalid_param(PARAM_NAMES.get(exc.param, exc.param), str(exc)) from exc
 
@@ -352,3 +355,9 @@ class ServingBase:
 
 
 __all__ = ["ServingBase", "SequenceResult", "Prepared", "Submission", "PARAM_NAMES"]
+
+
+def _given(body: Any, name: str, default: int) -> int:
+    """A request's extension field, or the server's default where the request leaves it out."""
+    value = getattr(body, name, None)
+    return default if value is None else value

@@ -81,7 +81,9 @@ class InfillServing(ServingBase):
         view = SimpleNamespace(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
                                repetition_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
                                frequency_penalty=body.frequency_penalty, logit_bias=None, stop=body.stop,
-                               seed=None if body.seed < 0 or body.seed == 0xFFFFFFFF else body.seed % 2**63)
+                               seed=None if body.seed < 0 or body.seed == 0xFFFFFFFF else body.seed % 2**63,
+                               prompt_lookup_num_tokens=body.prompt_lookup_num_tokens,
+                               max_matching_ngram_size=body.max_matching_ngram_size)
         params = self.sampling_params(view, max_tokens, 0, False)
         stops = tuple(sorted({*self.stop_ids, *fim_stop_ids(self.tokenizer)}))
         seq = SequenceRequest(index=0, prompt_ids=built.ids, params=params, max_tokens=max_tokens,
