@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
 import torch
 
-from gptforge.data.corpus import Corpus
-from gptforge.data.shards import _doc_in_val, load_prepared
+from gptforge.data.shards import load_prepared
 from gptforge.eval.heldout import bits_per_byte, load_heldout_python
-from gptforge.generate import generate
+from gptforge.eval.infill import evaluate_infill, infill_cases, validation_texts
 from gptforge.loading import load
 from gptforge.train.pretrain import load_recipe, pretrain
 
@@ -33,11 +31,15 @@ RECIPE = Path(__file__).resolve().parents[1] / "src" / "gptforge" / "recipes" / 
 
 
 def train(rate: float, args: argparse.Namespace) -> tuple[Path, float]:
-    out = Path(args.out) / f"fim{rate}"
+    out = Path(args.out) / (f"fim{rate}" + (f"-p{args.fim_piece_chars}" if rate and args.fim_piece_chars else "")
+                            + (f"-l{args.fim_line_rate}" if rate and args.fim_line_rate else "")
+                            + (f"-s{args.seed}" if args.seed != 1337 else ""))
     overrides = [f"--train.max_steps={args.steps}", f"--data.max_bytes={args.max_bytes}", f"--data.fim_rate={rate}",
                  f"--data.eval_tokens={args.eval_tokens}", f"--train.eval_every={args.steps}",
                  f"--data.batch_size={args.batch_size}",
-                 f"--train.checkpoint_every={args.steps}", f"--out_dir={out}", "--train.progress=false"]
+                 f"--train.checkpoint_every={args.steps}", f"--out_dir={out}", "--train.progress=false",
+                 f"--data.fim_piece_chars={args.fim_piece_chars}", f"--data.fim_line_rate={args.fim_line_rate}",
+                 f"--train.seed={args.seed}"]
     recipe = load_recipe(RECIPE, overrides)
     run = pretrain(recipe)
     result = json.loads((run / "result.json").read_text())
@@ -45,44 +47,7 @@ def train(rate: float, args: argparse.Namespace) -> tuple[Path, float]:
 
 
 def val_documents(args: argparse.Namespace) -> list[str]:
-    recipe = load_recipe(RECIPE, [f"--data.max_bytes={args.max_bytes}"])
-    corpus = Corpus(recipe.data.sources, max_bytes=recipe.data.max_bytes)
-    return [d.text for d in corpus.documents() if _doc_in_val(d.text, recipe.data.val_fraction)]
-
-
-def infill_cases(docs: list[str], n: int, seed: int = 0) -> list[tuple[str, str, str]]:
-    """(prefix, line, suffix): a non-blank line of a validation file, with up to 600 characters each side."""
-    if not docs:
-        raise SystemExit("no validation documents: raise --max-bytes")
-    rng = random.Random(seed)
-    cases = []
-    for _ in range(n * 20):
-        if len(cases) == n:
-            break
-        lines = rng.choice(docs).splitlines(keepends=True)
-        if len(lines) < 3:
-            continue
-        i = rng.randrange(1, len(lines) - 1)
-        if not lines[i].strip() or len(lines[i]) > 80:
-            continue
-        prefix, suffix = "".join(lines[:i]), "".join(lines[i + 1:])
-        cases.append((prefix[-600:], lines[i].rstrip("\n"), "\n" + suffix[:600]))
-    return cases
-
-
-def infill_exact_match(run: Path, cases: list[tuple[str, str, str]], use_suffix: bool) -> float:
-    """Share of cases whose middle line the model restores exactly (greedy); without the suffix,
-    the first line the model continues the prefix with."""
-    model, tok = load(run / "model")
-    hits = 0
-    for prefix, line, suffix in cases:
-        if use_suffix:
-            out = generate(model, prefix, tok, suffix=suffix, max_new_tokens=40, temperature=0, truncate_prompt=True)
-            hits += out[0].text == line
-        else:
-            text = generate(model, prefix, tok, max_new_tokens=40, temperature=0, truncate_prompt=True)[0].text
-            hits += "\n" in text and text.split("\n")[0].rstrip() == line.rstrip()
-    return hits / len(cases)
+    return validation_texts(load_recipe(RECIPE, [f"--data.max_bytes={args.max_bytes}"]).data)
 
 
 def heldout_bits_per_byte(run: Path, texts: list[str]) -> float:
@@ -98,28 +63,34 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.5])
     parser.add_argument("--cases", type=int, default=100)
+    parser.add_argument("--fim-line-rate", type=float, default=0.0, help="data.fim_line_rate")
+    parser.add_argument("--seed", type=int, default=1337, help="train.seed (the recipe's: 1337); another seed "
+                        "measures run-to-run spread")
+    parser.add_argument("--fim-piece-chars", type=int, default=0,
+                        help="data.fim_piece_chars: FIM per piece of at most this many characters (0: whole files)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/fim-quality")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     docs = val_documents(args)
     chars = sum(len(d) for d in docs)
+    if not docs:
+        raise SystemExit("no validation documents: raise --max-bytes")
     cases = infill_cases(docs, args.cases)
     heldout = [c.text for c in load_heldout_python().chunks]
-    report = {"steps": args.steps, "batch_size": args.batch_size, "max_bytes": args.max_bytes, "val_documents": len(docs), "runs": []}
+    report = {"steps": args.steps, "seed": args.seed, "fim_piece_chars": args.fim_piece_chars, "fim_line_rate": args.fim_line_rate, "batch_size": args.batch_size,
+              "max_bytes": args.max_bytes, "val_documents": len(docs), "runs": []}
     for rate in args.rates:
         started = time.perf_counter()
         run, val_loss = train(rate, args)
-        manifest = load_prepared(Path(args.out) / f"fim{rate}" / "data").manifest
+        manifest = load_prepared(run / "data").manifest
         nats_per_char = val_loss * manifest["split_tokens"]["val"] / chars
         entry = {"fim_rate": rate, "val_loss_nats_per_token": round(val_loss, 4),
                  "val_nats_per_char": round(nats_per_char, 4),
                  "heldout_bits_per_byte": round(heldout_bits_per_byte(run, heldout), 4),
                  "train_seconds": round(time.perf_counter() - started)}
-        if rate > 0:
-            entry["infill_exact_match"] = infill_exact_match(run, cases, use_suffix=True)
-        else:
-            entry["prefix_only_exact_match"] = infill_exact_match(run, cases, use_suffix=False)
+        infill = evaluate_infill(*load(run / "model"), cases)  # without FIM tokens: the prefix-only figure alone
+        entry.update(infill_exact_match=infill.exact_match, prefix_only_exact_match=infill.prefix_only_exact_match)
         report["runs"].append(entry)
         print(json.dumps(entry), flush=True)
     print(json.dumps(report))

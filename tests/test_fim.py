@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from gptforge.data.corpus import CorpusError
 from gptforge.data.shards import prepare_corpus
-from gptforge.fim import (FIM_SPECIAL_TOKENS, FimError, choose_fim, cut_at_indent, fim_tokens, fim_training_ids,
-                          infill_prompt, split_for_fim)
+from gptforge.fim import (FIM_SPECIAL_TOKENS, FimError, choose_fim, cut_at_indent, fim_pieces, fim_tokens,
+                          fim_training_ids,
+                          infill_prompt, split_for_fim, split_lines_for_fim)
 from gptforge.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
 
 CODE = "def area(w, h):\n    return w * h\n\nprint(area(2, 3))  # é ü 中文\n"
@@ -121,6 +122,63 @@ def test_prepare_with_fim_is_deterministic_and_keeps_validation_plain(tmp_path):
     assert undone == a.manifest["fim"]["documents"]
     plain = prepare_corpus([str(src)], tmp_path / "plain", **{**kw, "fim_rate": 0.0})
     assert fim_tokens(plain.tokenizer) is None
+
+
+def _undo_fim(text: str) -> str:
+    """One FIM example (PSM or SPM, markers as text) back to the text it was made from."""
+    if text.startswith("<fim_prefix><fim_suffix>"):
+        suffix, rest = text[len("<fim_prefix><fim_suffix>"):].split("<fim_middle>")
+        return rest + suffix
+    prefix, rest = text[len("<fim_prefix>"):].split("<fim_suffix>")
+    suffix, middle = rest.split("<fim_middle>")
+    return prefix + middle + suffix
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(alphabet="ab \n", max_size=30), max_size=8).map("".join), st.integers(-1, 40))
+def test_pieces_join_back_and_keep_to_the_limit(text, max_chars):
+    pieces = fim_pieces(text, max_chars)
+    assert "".join(pieces) == text
+    if max_chars > 0:
+        for piece in pieces:
+            assert len(piece) <= max_chars or "\n" not in piece.rstrip("\n")  # only a single long line is longer
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet="ab \n", max_size=12), max_size=6).map("".join), st.integers(0, 2**32 - 1))
+def test_line_cuts_give_whole_lines(text, seed):
+    prefix, middle, suffix = split_lines_for_fim(text, np.random.default_rng(seed))
+    assert prefix + middle + suffix == text
+    assert prefix == "" or prefix.endswith("\n")  # the middle starts a line...
+    assert suffix == "" or suffix.startswith("\n")  # ...and ends one, before its newline
+
+
+def test_prepare_draws_fim_per_piece_with_piece_chars(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    files = ["".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(12)) for i in range(8)]
+    for i, text in enumerate(files):
+        (src / f"m{i}.py").write_text(text)
+    kw = dict(vocab_size=300, split="documents", val_fraction=0.0, fim_rate=0.5, progress=False)
+    pieces = prepare_corpus([str(src)], tmp_path / "p", **kw, fim_piece_chars=80)
+    whole = prepare_corpus([str(src)], tmp_path / "w", **kw)
+    assert pieces.manifest["fim"]["piece_chars"] == 80 and whole.manifest["fim"]["piece_chars"] == 0
+    assert pieces.manifest["fingerprint"] != whole.manifest["fingerprint"]
+    tok = pieces.tokenizer
+    docs = tok.decode(pieces.tokens("train").tolist()).split("<|endoftext|>")
+    # Each file is plain pieces with FIM examples among them, each example ending with <|endoftext|>:
+    # undo each example and drop the separators, and the stream is the files again, in order.
+    rebuilt, examples = "", 0
+    for part in docs:
+        start = part.find("<fim_prefix>")
+        if start >= 0:
+            assert len(_undo_fim(part[start:])) <= 80  # one piece
+            part, examples = part[:start] + _undo_fim(part[start:]), examples + 1
+        rebuilt += part
+    assert examples == pieces.manifest["fim"]["documents"] > whole.manifest["fim"]["documents"]
+    assert rebuilt == "".join(files)
+    with pytest.raises(CorpusError, match="fim_piece_chars"):
+        prepare_corpus([str(src)], tmp_path / "x", **kw, fim_piece_chars=-5)
 
 
 def test_prepare_fim_settings_are_checked(tmp_path):

@@ -50,6 +50,7 @@ DEFAULT_PROMPTS = (
     "class ",
 )
 EVAL_TOKENS = 100_000  # validation tokens for the final report (the same tokens for model and baseline)
+INFILL_CASES = 50  # held-out lines the demo asks the model to restore (a FIM model only; about 10 s)
 # Sampling for the shown completions, measured in benchmarks/RESULTS.md ("Sampling settings"): fewer
 # degenerate loops than plain temperature sampling at no loss of next-line exact match.
 SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 40}
@@ -85,6 +86,7 @@ class DemoReport:
     reused_model: bool
     completions: list[dict[str, str]] = field(default_factory=list)
     heldout: Optional[dict[str, Any]] = None  # gptforge.eval.heldout figures (None where no package was found)
+    infill: Optional[dict[str, Any]] = None  # gptforge.eval.infill figures (None: the model has no FIM tokens)
     corpus: list[dict[str, Any]] = field(default_factory=list)  # what the curated sources kept and left out
     sampling: dict[str, Any] = field(default_factory=dict)
 
@@ -219,6 +221,7 @@ def _measure(out: Path, recipe: Any, prompts: Sequence[str], max_new_tokens: int
     echo(f"        unigram  {scores['unigram_perplexity']:10.2f}  ({scores['unigram_loss']:.3f} nats/token; "
          "token frequencies alone, the baseline to beat)")
     heldout = _heldout_figures(model, tokenizer, echo)
+    infill = _infill_figures(model, tokenizer, recipe, echo)
 
     echo("[4/4] completions: each prompt, then what the model wrote after it")
     echo("      " + BASE_MODEL_NOTE)
@@ -237,7 +240,7 @@ def _measure(out: Path, recipe: Any, prompts: Sequence[str], max_new_tokens: int
         steps=int(result.get("steps", 0)), train_seconds=round(train_seconds, 1),
         val_tokens=int(scores["val_tokens"]), val_loss=scores["val_loss"], val_perplexity=scores["val_perplexity"],
         unigram_loss=scores["unigram_loss"], unigram_perplexity=scores["unigram_perplexity"],
-        reused_model=reused, completions=completions, heldout=heldout,
+        reused_model=reused, completions=completions, heldout=heldout, infill=infill,
         corpus=list(corpus.manifest.get("selection", [])), sampling={**SAMPLING, "max_new_tokens": max_new_tokens})
     atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2))
     return report
@@ -322,6 +325,35 @@ def _heldout_figures(model: torch.nn.Module, tokenizer: Any, echo: Any) -> Optio
     return result.to_dict()
 
 
+def _infill_figures(model: torch.nn.Module, tokenizer: Any, recipe: Any, echo: Any,
+                    cases: int = INFILL_CASES) -> Optional[dict[str, Any]]:
+    """Fill in the middle on validation files, next to the same model without the suffix; None without FIM."""
+    from .eval.infill import evaluate_infill, infill_cases, validation_texts
+    from .fim import fim_tokens
+
+    if fim_tokens(tokenizer) is None or recipe.data.split != "documents":
+        return None
+    chosen = infill_cases(validation_texts(recipe.data), cases, seed=recipe.train.seed)
+    if not chosen:
+        return None
+    result = evaluate_infill(model, tokenizer, chosen)
+    echo(f"      fill in the middle: a line taken out of a validation file, the code around it shown "
+         f"({result.cases} lines, greedy):")
+    echo(f"        restored exactly       {result.exact_match:6.1%}   (the same model from the code before it "
+         f"alone: {result.prefix_only_exact_match:.1%})")
+    if result.example is not None:
+        ex = result.example
+        before = ex["prefix"].rstrip("\n").split("\n")[-2:]
+        after = ex["suffix"].lstrip("\n").split("\n")[:2]
+        echo("      " + ("a line it restored:" if ex["restored"] else "what it put in one gap:"))
+        for line in before:
+            echo(f"        before | {line}")
+        echo(f"        filled | {ex['filled']}" + ("" if ex["restored"] else f"   (the file has: {ex['middle']})"))
+        for line in after:
+            echo(f"        after  | {line}")
+    return result.to_dict()
+
+
 def _side_by_side(prompt: str, completion: str, max_lines: int = 12) -> str:
     """The prompt, then the code as it reads with the completion: from the prompt's last line on."""
     prompt_lines = prompt.split("\n")
@@ -363,6 +395,10 @@ def _next_steps(report: DemoReport) -> str:
         "Next:",
         f"  gptforge generate --model {model} --prompt 'def fibonacci(n):' --max-new-tokens 64 {_sampling_flags()}",
         "      (sampled: greedy decoding sends a model this small into loops)",
+        *([f"  gptforge generate --model {model} --prompt $'def area(width, height):\\n    ' "
+           "--suffix $'\\n    return result\\n' --max-new-tokens 24",
+           "      (fill in the middle: the code before the cursor, and --suffix the code after it)"]
+          if report.infill else []),
         f"  gptforge chat --model {model}",
         "      (a code model: it continues text; fine-tune it with `gptforge finetune` to follow instructions)",
         f"  gptforge serve --model {model} --port 8000",

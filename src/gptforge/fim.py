@@ -86,16 +86,50 @@ def split_for_fim(text: str, rng: np.random.Generator) -> tuple[str, str, str]:
     return text[:lo], text[lo:hi], text[hi:]
 
 
+def split_lines_for_fim(text: str, rng: np.random.Generator) -> tuple[str, str, str]:
+    """(prefix, middle, suffix) with the middle whole lines: it starts at a line start and ends at a line
+    end (before its newline), as when an editor asks for the lines between the code above and below."""
+    starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n" and i + 1 < len(text)]
+    lo = int(starts[int(rng.integers(len(starts)))])
+    ends = [i for i in range(lo, len(text)) if text[i] == "\n"]
+    if not text.endswith("\n") or not ends:  # the text's last line, when no newline ends it
+        ends.append(len(text))
+    hi = int(ends[int(rng.integers(len(ends)))])
+    return text[:lo], text[lo:hi], text[hi:]
+
+
 def choose_fim(text: str, rng: np.random.Generator, fim_rate: float,
-               spm_rate: float) -> Optional[tuple[str, tuple[str, str, str]]]:
+               spm_rate: float, line_rate: float = 0.0) -> Optional[tuple[str, tuple[str, str, str]]]:
     """With probability `fim_rate`: (order, (prefix, middle, suffix)); else None (the text stays as it is).
 
-    The same generator state gives the same choice, so prepared shards depend only on the seed.
+    With probability `line_rate` the cut is at line boundaries (`split_lines_for_fim`), else at two
+    uniform character positions. The same generator state gives the same choice, so prepared shards
+    depend only on the seed.
     """
     draw_fim, draw_spm = rng.random(2)
     if draw_fim >= fim_rate or not text:
         return None
-    return ("spm" if draw_spm < spm_rate else "psm"), split_for_fim(text, rng)
+    order = "spm" if draw_spm < spm_rate else "psm"
+    if line_rate > 0 and rng.random() < line_rate:  # drawn only then: seeds without it keep their shards
+        return order, split_lines_for_fim(text, rng)
+    return order, split_for_fim(text, rng)
+
+
+def fim_pieces(text: str, max_chars: int) -> list[str]:
+    """`text` cut at line ends into pieces of at most `max_chars` characters (a longer line is a piece of
+    its own); they join back to `text`. `max_chars` <= 0: the whole text, one piece."""
+    if max_chars <= 0 or len(text) <= max_chars:
+        return [text]
+    pieces: list[str] = []
+    current = ""
+    for line in text.splitlines(keepends=True):
+        if current and len(current) + len(line) > max_chars:
+            pieces.append(current)
+            current = ""
+        current += line
+    if current:
+        pieces.append(current)
+    return pieces
 
 
 def fim_training_ids(tokens: FimTokens, order: str, prefix: Sequence[int], middle: Sequence[int],
@@ -207,5 +241,5 @@ def cut_at_indent(text: str, n_indent: int) -> tuple[str, bool]:
 
 __all__ = ["FIM_PREFIX", "FIM_MIDDLE", "FIM_SUFFIX", "FIM_PAD", "FIM_SPECIAL_TOKENS", "FIM_TOKEN_NAMES",
            "FIM_ORDERS", "FimError", "FimTokens", "InfillPrompt", "fim_tokens", "require_fim_tokens",
-           "split_for_fim", "choose_fim", "fim_training_ids", "infill_prompt", "fim_prompt_format", "fim_stop_ids",
+           "split_for_fim", "split_lines_for_fim", "choose_fim", "fim_training_ids", "infill_prompt", "fim_prompt_format", "fim_stop_ids",
            "cut_at_indent"]

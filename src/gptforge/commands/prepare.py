@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of training documents in fill-in-the-middle form (default 0; needs --split documents)")
     parser.add_argument("--fim-spm-rate", type=float, default=0.5, help="share of FIM documents in SPM order (default 0.5)")
     parser.add_argument("--fim-seed", type=int, default=0, help="seed of the FIM draws (default 0)")
+    parser.add_argument("--fim-piece-chars", type=int, default=0, metavar="N",
+                        help="draw FIM per piece of at most N characters cut at line ends, not per document "
+                             "(context-level FIM, for windows shorter than files; default 0: whole documents)")
+    parser.add_argument("--fim-line-rate", type=float, default=0.0,
+                        help="share of FIM examples whose middle is whole lines (default 0: all cut at characters)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print a JSON summary (for scripts) instead of sentences")
@@ -42,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
                             val_fraction=args.val_fraction, split=args.split, text_field=args.text_field,
                             on_decode_error=args.on_decode_error, dtype=args.dtype, max_bytes=args.max_bytes,
                             shard_tokens=args.shard_tokens, force=args.force, progress=not args.no_progress,
-                            fim_rate=args.fim_rate, fim_spm_rate=args.fim_spm_rate, fim_seed=args.fim_seed)
+                            fim_rate=args.fim_rate, fim_spm_rate=args.fim_spm_rate, fim_seed=args.fim_seed,
+                            fim_piece_chars=args.fim_piece_chars, fim_line_rate=args.fim_line_rate)
     m = corpus.manifest
     if args.json:
         print(json.dumps({"out": str(corpus.directory), "documents": m["documents"], "tokens": m["num_tokens"],
@@ -69,7 +75,9 @@ def describe_prepared(directory: Path, manifest: dict[str, Any]) -> str:
     lines.append(f"  tokenizer:    {out / m['tokenizer']['dir']} ({kind}, {m['vocab_size']:,} tokens)")
     fim = m.get("fim") or {}
     if fim.get("rate"):
-        lines.append(f"  FIM:          {fim['documents']:,} training documents in fill-in-the-middle form "
+        what = (f"pieces of at most {fim['piece_chars']:,} characters" if fim.get("piece_chars")
+                else "documents")
+        lines.append(f"  FIM:          {fim['documents']:,} training {what} in fill-in-the-middle form "
                      f"(rate {fim['rate']}, SPM share {fim['spm_rate']}, seed {fim['seed']})")
     if m["skipped"]:
         lines.append(f"  skipped:      {len(m['skipped'])} file(s) that are not UTF-8, e.g. {m['skipped'][0]}")

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from ..atomic import atomic_directory, atomic_write_text, read_json
-from ..fim import FIM_SPECIAL_TOKENS, choose_fim, fim_tokens, fim_training_ids
+from ..fim import FIM_SPECIAL_TOKENS, choose_fim, fim_pieces, fim_tokens, fim_training_ids
 from ..tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, TokenizerError
 from .corpus import Corpus, CorpusError, Document
 
@@ -132,7 +132,7 @@ def _pick_dtype(dtype: str, vocab_size: int) -> str:
     return dtype
 
 
-def _doc_in_val(text: str, val_fraction: float) -> bool:
+def doc_in_val(text: str, val_fraction: float) -> bool:
     """Stable per-document coin from its content: a document (and any duplicate) always lands in one split."""
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2 ** 64 < val_fraction
@@ -227,7 +227,8 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
                    val_fraction: float = 0.1, split: str = "tail", text_field: str = "text",
                    on_decode_error: str = "fail", dtype: str = "auto", shard_tokens: int = 1 << 27,
                    max_bytes: Optional[int] = None, force: bool = False, progress: bool = True,
-                   fim_rate: float = 0.0, fim_spm_rate: float = 0.5, fim_seed: int = 0) -> PreparedCorpus:
+                   fim_rate: float = 0.0, fim_spm_rate: float = 0.5, fim_seed: int = 0,
+                   fim_piece_chars: int = 0, fim_line_rate: float = 0.0) -> PreparedCorpus:
     """Tokenize `sources` into token shards in `out_dir`; reuse the folder when nothing changed.
 
     sources: file/folder/glob paths, .jsonl/.parquet files (`text_field`), "stdlib", or "hf:NAME[:CONFIG][@SPLIT]".
@@ -239,7 +240,13 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
     fim_rate: share of training documents written in fill-in-the-middle form (gptforge.fim), in SPM order
     with probability `fim_spm_rate`, else PSM; the draws come from (`fim_seed`, document number), so the
     same seed gives the same shards. The FIM tokens join the tokenizer; validation documents stay as they
-    are (so validation loss stays left-to-right), which needs split "documents".
+    are (so validation loss stays left-to-right), which needs split "documents". `fim_piece_chars` > 0
+    cuts each training document at line ends into pieces of at most that many characters and draws FIM
+    for each piece (each FIM piece ends with the end-of-text token): "context-level" FIM (Bavarian et al.,
+    2022), for training windows much shorter than files, where a whole-file example's prefix, suffix and
+    middle never share a window. `fim_line_rate`: the share of FIM examples whose middle is whole lines
+    (cut at line boundaries, as an editor asks for the lines between the code above and below); the rest
+    are cut at two uniform character positions.
     Returns the `PreparedCorpus`; raises CorpusError (a ValueError) naming the bad input.
     """
     # ~75 lines under the docstring, in the order the work happens: checks, reuse, tokenizer, shards
@@ -251,12 +258,12 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
         raise CorpusError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens <= 0:
         raise CorpusError(f"shard_tokens must be positive, got {shard_tokens}")
-    _check_fim(fim_rate, fim_spm_rate, split)
+    _check_fim(fim_rate, fim_spm_rate, split, fim_piece_chars, fim_line_rate)
     if isinstance(tokenizer, str) and tokenizer == "bpe":
         _pick_dtype(dtype, vocab_size)  # fail before training a tokenizer that cannot be stored
     corpus = Corpus(sources, text_field=text_field, on_decode_error=on_decode_error, max_bytes=max_bytes)
     settings = _settings(tokenizer, vocab_size, val_fraction, split, dtype, shard_tokens, fim_rate, fim_spm_rate,
-                         fim_seed)
+                         fim_seed, fim_piece_chars, fim_line_rate)
     fingerprint = hashlib.sha256(json.dumps([corpus.fingerprint(), settings], sort_keys=True,
                                             default=str).encode()).hexdigest()
     existing = _up_to_date(out_dir, fingerprint, force)
@@ -288,11 +295,11 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
             for batch in _batched(corpus.documents(), 4 << 20, chunk):
                 plans = [None] * len(batch)
                 if fim is not None:
-                    plans = [_fim_plan(doc, n_docs + i, fim_rate, fim_spm_rate, fim_seed,
-                                       split == "documents" and _doc_in_val(doc.text, val_fraction))
+                    plans = [_fim_plan(doc, n_docs + i, fim_rate, fim_spm_rate, fim_seed, fim_piece_chars, fim_line_rate,
+                                       split == "documents" and doc_in_val(doc.text, val_fraction))
                              for i, doc in enumerate(batch)]
-                    n_fim += sum(p is not None for p in plans)
-                for doc, ids in zip(batch, _encode_batch(batch, plans, tok, char_table, fim)):
+                    n_fim += sum(1 for plan in plans if plan for order, _ in plan if order != "plain")
+                for doc, ids in zip(batch, _encode_batch(batch, plans, tok, char_table, fim, eos)):
                     arr = np.asarray(ids, dtype=np.int64)
                     if arr.size and int(arr.max()) >= DTYPE_LIMITS[dtype_name]:
                         raise CorpusError(f"token id {int(arr.max())} does not fit {dtype_name}")
@@ -311,7 +318,9 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
             "format": FORMAT, "version": VERSION, "fingerprint": fingerprint, **_contents(corpus, tok, text_field),
             "dtype": dtype_name, "documents": n_docs, "characters": n_chars, "num_tokens": total,
             "split": {"method": split, "val_fraction": val_fraction},
-            "fim": {"rate": fim_rate, "spm_rate": fim_spm_rate, "seed": fim_seed, "documents": n_fim},
+            "fim": {"rate": fim_rate, "spm_rate": fim_spm_rate, "seed": fim_seed, "piece_chars": fim_piece_chars,
+                    "line_rate": fim_line_rate,
+                    "documents": n_fim},  # FIM examples: documents, or pieces when piece_chars > 0
             "split_tokens": {name: sum(s["end"] - s["start"] for s in segs) for name, segs in splits.items()},
             "shards": shards, "splits": splits, "settings": settings,
             "seconds": round(time.perf_counter() - started, 3),
@@ -324,15 +333,29 @@ def prepare_corpus(sources: list[str] | str, out_dir: str | Path, *, tokenizer: 
 
 
 def _encode_batch(batch: list[Document], plans: list[Any], tok: Tokenizer, char_table: Optional[_CharTable],
-                  fim: Any) -> list[list[int]]:
-    """Token ids of each document: its text, or its FIM form when it has a plan (three parts, then assembled)."""
-    texts = [t for doc, plan in zip(batch, plans) for t in (plan[1] if plan else (doc.text,))]
+                  fim: Any, eos: Optional[int] = None) -> list[list[int]]:
+    """Token ids of each document: its text, or, with a plan, its pieces in order: plain ones as they are,
+    FIM ones (three parts, then assembled) followed by the end-of-text token unless the document ends there."""
+    texts = [t for doc, plan in zip(batch, plans) for _, parts in (plan or [("plain", (doc.text,))]) for t in parts]
     fast = [char_table.encode(t) for t in texts] if char_table else [None] * len(texts)
     slow = [t for t, ids in zip(texts, fast) if ids is None]
     slow_ids = iter(tok.encode_batch(slow, add_special_tokens=False) if slow else [])
     pieces = iter([ids if ids is not None else next(slow_ids) for ids in fast])
-    return [fim_training_ids(fim, plan[0], *(next(pieces) for _ in range(3)))  # type: ignore[arg-type]
-            if plan else next(pieces) for plan in plans]
+    out: list[list[int]] = []
+    for plan in plans:
+        if not plan:
+            out.append(next(pieces))
+            continue
+        ids: list[int] = []
+        for i, (order, _) in enumerate(plan):
+            if order == "plain":
+                ids.extend(next(pieces))
+                continue
+            ids.extend(fim_training_ids(fim, order, *(next(pieces) for _ in range(3))))
+            if i < len(plan) - 1 and eos is not None:  # the middle ends here; the document's end has its own
+                ids.append(eos)
+        out.append(ids)
+    return out
 
 
 def _contents(corpus: Corpus, tok: Tokenizer, text_field: str) -> dict[str, Any]:
@@ -345,13 +368,18 @@ def _contents(corpus: Corpus, tok: Tokenizer, text_field: str) -> dict[str, Any]
 
 
 def _settings(tokenizer: Any, vocab_size: int, val_fraction: float, split: str, dtype: str, shard_tokens: int,
-              fim_rate: float, fim_spm_rate: float, fim_seed: int) -> dict[str, Any]:
+              fim_rate: float, fim_spm_rate: float, fim_seed: int, fim_piece_chars: int = 0,
+              fim_line_rate: float = 0.0) -> dict[str, Any]:
     """What, besides the input texts, decides the prepared corpus (part of its fingerprint)."""
     settings: dict[str, Any] = {"tokenizer": tokenizer if isinstance(tokenizer, str) else hashlib.sha256(
         tokenizer.backend.to_str().encode()).hexdigest(), "vocab_size": vocab_size, "val_fraction": val_fraction,
         "split": split, "dtype": dtype, "shard_tokens": shard_tokens, "version": VERSION}
     if fim_rate > 0:  # only then, so that corpora prepared before FIM existed keep their fingerprint
         settings["fim"] = {"rate": fim_rate, "spm_rate": fim_spm_rate, "seed": fim_seed}
+        if fim_piece_chars > 0:
+            settings["fim"]["piece_chars"] = fim_piece_chars
+        if fim_line_rate > 0:
+            settings["fim"]["line_rate"] = fim_line_rate
     if isinstance(tokenizer, str) and tokenizer not in ("bpe", "char") and Path(tokenizer).exists():
         tok_file = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
         settings["tokenizer_hash"] = hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file() else None
@@ -399,7 +427,7 @@ class _SplitWriter:
             needs_eos = starts_doc and not self.first_doc
         else:
             if starts_doc:
-                self.current = "val" if _doc_in_val(doc.text, self.val_fraction) else "train"
+                self.current = "val" if doc_in_val(doc.text, self.val_fraction) else "train"
             target = self.writers[self.current]
             needs_eos = starts_doc and bool(target.total)
         if needs_eos and self.eos is not None:
@@ -434,7 +462,13 @@ class _SplitWriter:
         return total, shards, splits
 
 
-def _check_fim(fim_rate: float, fim_spm_rate: float, split: str) -> None:
+def _check_fim(fim_rate: float, fim_spm_rate: float, split: str, fim_piece_chars: int = 0,
+               fim_line_rate: float = 0.0) -> None:
+    if not 0.0 <= fim_line_rate <= 1.0:
+        raise CorpusError(f"fim_line_rate must be in [0, 1] (the share of FIM examples cut at line boundaries), "
+                          f"got {fim_line_rate}")
+    if isinstance(fim_piece_chars, bool) or not isinstance(fim_piece_chars, int) or fim_piece_chars < 0:
+        raise CorpusError(f"fim_piece_chars must be a whole number >= 0 (0: whole documents), got {fim_piece_chars!r}")
     if not 0.0 <= fim_rate <= 1.0:
         raise CorpusError(f"fim_rate must be in [0, 1] (the share of documents in fill-in-the-middle form), "
                           f"got {fim_rate}")
@@ -445,12 +479,18 @@ def _check_fim(fim_rate: float, fim_spm_rate: float, split: str) -> None:
                           f"with split {split!r} which documents validate is only known after tokenizing")
 
 
-def _fim_plan(doc: Document, index: int, rate: float, spm_rate: float, seed: int,
-              in_val: bool) -> Optional[tuple[str, tuple[str, str, str]]]:
-    """(order, (prefix, middle, suffix)) when document `index` is written in FIM form, else None."""
+def _fim_plan(doc: Document, index: int, rate: float, spm_rate: float, seed: int, piece_chars: int,
+              line_rate: float, in_val: bool) -> Optional[list[tuple[str, tuple[str, ...]]]]:
+    """The document as pieces, each ("plain", (text,)) or (order, (prefix, middle, suffix)); None when no
+    piece is written in FIM form. With `piece_chars` <= 0 the document is one piece."""
     if in_val or not doc.name:  # validation, or a continuation piece (none when FIM is on)
         return None
-    return choose_fim(doc.text, np.random.default_rng([seed, index]), rate, spm_rate)
+    rng = np.random.default_rng([seed, index])
+    plan: list[tuple[str, tuple[str, ...]]] = []
+    for piece in fim_pieces(doc.text, piece_chars):
+        chosen = choose_fim(piece, rng, rate, spm_rate, line_rate)
+        plan.append(chosen if chosen is not None else ("plain", (piece,)))
+    return plan if any(order != "plain" for order, _ in plan) else None
 
 
 def _range_segments(shards: list[dict[str, Any]], begin: int, end: int) -> list[dict[str, Any]]:

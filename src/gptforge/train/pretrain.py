@@ -47,6 +47,8 @@ class DataConfig:
     fim_rate: float = 0.0  # share of training documents in fill-in-the-middle form (adds FIM tokens; split: documents)
     fim_spm_rate: float = 0.5  # of those, the share in SPM order (the rest PSM)
     fim_seed: int = 0  # the FIM draws: same seed, same shards
+    fim_piece_chars: int = 0  # >0: FIM per piece of at most this many characters (cut at line ends), not per file
+    fim_line_rate: float = 0.0  # share of FIM examples whose middle is whole lines (the rest: character cuts)
     seq_len: int = 256  # tokens per training window
     batch_size: int = 16  # windows per micro-batch and rank
     eval_tokens: int = 200_000  # validation tokens per evaluation (fixed windows, evenly spread)
@@ -152,7 +154,8 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> Any:
     return prepare_corpus(d.sources, folder, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
                           val_fraction=d.val_fraction, split=d.split, text_field=d.text_field,
                           on_decode_error=d.on_decode_error, dtype=d.dtype, max_bytes=d.max_bytes,
-                          progress=progress, fim_rate=d.fim_rate, fim_spm_rate=d.fim_spm_rate, fim_seed=d.fim_seed)
+                          progress=progress, fim_rate=d.fim_rate, fim_spm_rate=d.fim_spm_rate, fim_seed=d.fim_seed,
+                          fim_piece_chars=d.fim_piece_chars, fim_line_rate=d.fim_line_rate)
 
 
 class ValidationLoss:
