@@ -90,7 +90,11 @@ def main() -> None:
                  "heldout_bits_per_byte": round(heldout_bits_per_byte(run, heldout), 4),
                  "train_seconds": round(time.perf_counter() - started)}
         infill = evaluate_infill(*load(run / "model"), cases)  # without FIM tokens: the prefix-only figure alone
-        entry.update(infill_exact_match=infill.exact_match, prefix_only_exact_match=infill.prefix_only_exact_match)
+        entry.update(infill_exact_match=infill.exact_match, prefix_only_exact_match=infill.prefix_only_exact_match,
+                     line_bits_per_byte=infill.bits_per_byte,
+                     prefix_only_line_bits_per_byte=round(infill.prefix_only_bits_per_byte, 4))
+        if entry["line_bits_per_byte"] is not None:
+            entry["line_bits_per_byte"] = round(entry["line_bits_per_byte"], 4)
         report["runs"].append(entry)
         print(json.dumps(entry), flush=True)
     print(json.dumps(report))

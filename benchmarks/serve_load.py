@@ -126,7 +126,16 @@ def llama_server(binaries: Path, gguf: Path, slots: int, context: int, threads: 
 async def one_request(client: httpx.AsyncClient, base: str, body: dict) -> tuple[float, int]:
     """(time to first token, generated tokens) of one streamed completion.
 
-    Tokens are the usage's completion_tokens, or (a server without streamed usage) the text chunks."""
+    Tokens are the usage's completion_tokens, or (a server without streamed usage) the text chunks. A
+    keep-alive connection the server closed before answering is retried once on a new one (llama-server's
+    HTTP library closes a connection after a few requests, and the pool may hand it out just then)."""
+    try:
+        return await _one_request(client, base, body)
+    except httpx.RemoteProtocolError:
+        return await _one_request(client, base, body)
+
+
+async def _one_request(client: httpx.AsyncClient, base: str, body: dict) -> tuple[float, int]:
     start = time.perf_counter()
     ttft = None
     tokens = 0

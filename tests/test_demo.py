@@ -14,7 +14,7 @@ from gptforge.loading import load
 
 # The shipped recipe, shrunk: a slice of the stdlib, a 2-layer model, a fixed number of steps.
 TINY = ["--steps", "60", "--minutes", "5", "--no-progress", "--max-new-tokens", "12",
-        "--data.max_bytes=300000", "--data.split=tail", "--data.vocab_size=512", "--data.seq_len=64", "--data.batch_size=16",
+        "--data.max_bytes=300000", "--data.split=documents", "--data.val_fraction=0.15", "--data.vocab_size=512", "--data.seq_len=64", "--data.batch_size=16",
         "--data.eval_tokens=4096", "--model.n_layer=2", "--model.n_head=2", "--model.n_kv_head=2",
         "--model.n_embd=64", "--model.block_size=64", "--train.lr=0.01", "--train.warmup_steps=5",
         "--train.batch_tokens=0", "--train.grad_accum_steps=1", "--train.checkpoint_every=0"]
@@ -70,6 +70,16 @@ def test_demo_end_to_end_and_reuse(tmp_path, capsys):
     assert selection["kept_bytes"] <= 300_000 and "literal_data" in selection["dropped"]
     assert "stdlib: kept" in printed and BASE_MODEL_NOTE in printed
     assert report["sampling"]["max_new_tokens"] == 12
+
+    # The recipe trains fill-in-the-middle: held-out lines restored with the code around them, next to the
+    # same model without the code after the gap, and the suggested --suffix command runs.
+    infill = report["infill"]
+    assert infill["cases"] > 0 and 0.0 <= infill["exact_match"] <= 1.0
+    assert math.isfinite(infill["bits_per_byte"]) and math.isfinite(infill["prefix_only_bits_per_byte"])
+    assert "fill in the middle" in printed and "bits per byte of the line" in printed and "--suffix" in printed
+    assert main(["generate", "--model", str(out / "model"), "--prompt", "def area(width, height):\n    ",
+                 "--suffix", "\n    return result\n", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
 
     assert len(report["completions"]) == 5
     for item in report["completions"]:

@@ -339,8 +339,10 @@ def _infill_figures(model: torch.nn.Module, tokenizer: Any, recipe: Any, echo: A
     result = evaluate_infill(model, tokenizer, chosen)
     echo(f"      fill in the middle: a line taken out of a validation file, the code around it shown "
          f"({result.cases} lines, greedy):")
-    echo(f"        restored exactly       {result.exact_match:6.1%}   (the same model from the code before it "
-         f"alone: {result.prefix_only_exact_match:.1%})")
+    echo(f"        bits per byte of the line  {result.bits_per_byte:6.3f}   (from the code before it alone: "
+         f"{result.prefix_only_bits_per_byte:.3f}; lower means the code after the gap helps)")
+    echo(f"        restored exactly           {result.exact_match:6.1%}   (from the code before it alone: "
+         f"{result.prefix_only_exact_match:.1%})")
     if result.example is not None:
         ex = result.example
         before = ex["prefix"].rstrip("\n").split("\n")[-2:]
@@ -348,7 +350,11 @@ def _infill_figures(model: torch.nn.Module, tokenizer: Any, recipe: Any, echo: A
         echo("      " + ("a line it restored:" if ex["restored"] else "what it put in one gap:"))
         for line in before:
             echo(f"        before | {line}")
-        echo(f"        filled | {ex['filled']}" + ("" if ex["restored"] else f"   (the file has: {ex['middle']})"))
+        filled = ex["filled"].split("\n")
+        more = f"   [and {len(filled) - 1} more line(s)]" if len(filled) > 1 else ""
+        echo(f"        filled | {filled[0]}{more}")
+        if not ex["restored"]:
+            echo(f"        (file) | {ex['middle']}")
         for line in after:
             echo(f"        after  | {line}")
     return result.to_dict()
