@@ -50,11 +50,6 @@ def val_documents(args: argparse.Namespace) -> list[str]:
     return validation_texts(load_recipe(RECIPE, [f"--data.max_bytes={args.max_bytes}"]).data)
 
 
-def heldout_bits_per_byte(run: Path, texts: list[str]) -> float:
-    model, tok = load(run / "model")
-    return bits_per_byte(model, tok, texts)["bits_per_byte"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
@@ -85,11 +80,12 @@ def main() -> None:
         run, val_loss = train(rate, args)
         manifest = load_prepared(run / "data").manifest
         nats_per_char = val_loss * manifest["split_tokens"]["val"] / chars
+        model, tokenizer = load(run / "model")
         entry = {"fim_rate": rate, "val_loss_nats_per_token": round(val_loss, 4),
                  "val_nats_per_char": round(nats_per_char, 4),
-                 "heldout_bits_per_byte": round(heldout_bits_per_byte(run, heldout), 4),
+                 "heldout_bits_per_byte": round(bits_per_byte(model, tokenizer, heldout)["bits_per_byte"], 4),
                  "train_seconds": round(time.perf_counter() - started)}
-        infill = evaluate_infill(*load(run / "model"), cases)  # without FIM tokens: the prefix-only figure alone
+        infill = evaluate_infill(model, tokenizer, cases)  # without FIM tokens: the prefix-only figure alone
         entry.update(infill_exact_match=infill.exact_match, prefix_only_exact_match=infill.prefix_only_exact_match,
                      line_bits_per_byte=infill.bits_per_byte,
                      prefix_only_line_bits_per_byte=round(infill.prefix_only_bits_per_byte, 4))

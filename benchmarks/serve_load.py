@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -123,6 +124,14 @@ def llama_server(binaries: Path, gguf: Path, slots: int, context: int, threads: 
     return server
 
 
+async def sse_chunks(response: httpx.Response) -> AsyncIterator[dict]:
+    """The JSON events of a streamed OpenAI-style response (after raising for an error status)."""
+    response.raise_for_status()
+    async for line in response.aiter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
 async def one_request(client: httpx.AsyncClient, base: str, body: dict) -> tuple[float, int]:
     """(time to first token, generated tokens) of one streamed completion.
 
@@ -141,11 +150,7 @@ async def _one_request(client: httpx.AsyncClient, base: str, body: dict) -> tupl
     tokens = 0
     chunks = 0
     async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(response):
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 chunks += 1
                 if ttft is None:
@@ -241,11 +246,7 @@ async def chat_turn(client: httpx.AsyncClient, base: str, body: dict) -> dict:
     start = time.perf_counter()
     ttft, text, usage = None, "", {}
     async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(response):
             delta = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
             if delta:
                 ttft = ttft or time.perf_counter() - start
