@@ -194,7 +194,7 @@ def median_level(samples: list[dict]) -> dict:
 
 
 def compare_llama_server(args: argparse.Namespace, levels: list[int]) -> dict:
-    """Ours and llama-server on the same weights and request mix, back to back per level and round."""
+    """Ours and llama-server on the same weights and request mix, one after the other in each round."""
     binaries = Path(os.environ.get("LLAMACPP_BIN", ""))
     if not os.environ.get("LLAMACPP_BIN") or not (binaries / "llama-server").is_file():
         return {"benchmark": "serve_load", "skipped": "--peer llama-server: set LLAMACPP_BIN to a folder with "
@@ -217,21 +217,24 @@ def compare_llama_server(args: argparse.Namespace, levels: list[int]) -> dict:
                 "stream_options": {"include_usage": True}, "logit_bias": {str(i): -100 for i in eos_ids}}
         peer_body = {**body, "ignore_eos": True}  # llama-server's own switch; logit_bias alone is honoured too
         name = model_dir.name
-        with Server(model_dir, top, args.threads) as server, \
-                llama_server(binaries, gguf, top, context, args.threads) as peer:
-            for base, b in ((server.base, body), (peer.base, peer_body)):
-                asyncio.run(run_level(base, name, 2, 2, b))  # warm-up
-            for round_ in range(args.repeats):
-                for c in levels:
-                    n = max(args.requests_per_level, c)
-                    ours[c].append(asyncio.run(run_level(server.base, name, c, n, body)))
+        # One server runs at a time: an idle server whose compute threads spin (OMP_WAIT_POLICY=ACTIVE, or
+        # llama.cpp's polling) would take a core from the other. The order alternates between rounds.
+        sides = [(lambda: Server(model_dir, top, args.threads), body, ours),
+                 (lambda: llama_server(binaries, gguf, top, context, args.threads), peer_body, theirs)]
+        for round_ in range(args.repeats):
+            for start, b, results in (sides if round_ % 2 == 0 else sides[::-1]):
+                with start() as server:
                     try:
-                        theirs[c].append(asyncio.run(run_level(peer.base, name, c, n, peer_body)))
+                        asyncio.run(run_level(server.base, name, 2, 2, b))  # warm-up
+                        for c in levels:
+                            n = max(args.requests_per_level, c)
+                            results[c].append(asyncio.run(run_level(server.base, name, c, n, b)))
                     except httpx.HTTPError as exc:
-                        tail = peer.log.read_bytes()[-1500:].decode(errors="replace") if peer.log else ""
-                        raise RuntimeError(f"llama-server failed ({exc!r}); its log ends:\n{tail}") from exc
-                    print(f"round {round_ + 1}/{args.repeats} concurrency {c}: ours {ours[c][-1]['tokens_per_s']} "
-                          f"tok/s, llama-server {theirs[c][-1]['tokens_per_s']} tok/s", file=sys.stderr, flush=True)
+                        tail = server.log.read_bytes()[-1500:].decode(errors="replace") if server.log else ""
+                        raise RuntimeError(f"{server.name} failed ({exc!r}); its log ends:\n{tail}") from exc
+            for c in levels:
+                print(f"round {round_ + 1}/{args.repeats} concurrency {c}: ours {ours[c][-1]['tokens_per_s']} "
+                      f"tok/s, llama-server {theirs[c][-1]['tokens_per_s']} tok/s", file=sys.stderr, flush=True)
     levels_out = []
     for c in levels:
         a, b = median_level(ours[c]), median_level(theirs[c])

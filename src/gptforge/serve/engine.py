@@ -4,8 +4,9 @@ Every running sequence holds one row of a preallocated cache (`model.setup_cache
 the running sequences always occupy rows [0, n): when one finishes, the last one moves into its row (a
 copy of its filled slots, once), so each decode step reads the cache through a view instead of
 gathering rows. Between decode steps the scheduler drops cancelled or timed-out sequences, admits
-waiting ones (prefilling each into a free row), then runs ONE forward over all running rows, so
-requests that arrive mid-generation join the batch at the next step.
+waiting ones (each into a free row; those admitted together are prefilled in one left-padded forward),
+then runs ONE forward over all running rows, so requests that arrive mid-generation join the batch at the
+next step.
 
 Prefix caching (`prefix_cache.py`): on admission, the longest run of 16-token blocks of the prompt that
 an earlier sequence computed is copied from the store into the row, and only the rest is prefilled (the
@@ -286,6 +287,7 @@ class Engine:
             self.steps += 1
 
     def _admit(self, now: float) -> None:
+        admitted: list[_Sequence] = []
         while len(self._running) < self.max_batch:
             with self._cond:
                 if not self._waiting:
@@ -301,20 +303,73 @@ class Engine:
             self.metrics.queue_time.observe(time.monotonic() - seq.arrived)
             seq.row = len(self._running)
             self._running.append(seq)
+            admitted.append(seq)
+        starts = {}
+        for seq in admitted:
             try:
-                self._prefill(seq)
+                starts[id(seq)] = self._start(seq)
             except Exception as exc:  # this sequence alone fails
                 log.exception("prefill failed")
                 self._fail(seq, APIError(500, f"prefill failed: {type(exc).__name__}", code="engine_error"))
+        ready = [seq for seq in admitted if not seq.finished]
+        for group in self._prefill_groups(ready, starts):
+            if len(group) > 1:
+                try:
+                    self._prefill_batch(group, [starts[id(seq)] for seq in group])
+                    continue
+                except Exception:  # find the sequence that fails; the others are prefilled alone
+                    log.exception("batched prefill failed; prefilling sequences one by one")
+            for seq in group:
+                if seq.finished or seq.emitter.sampled:  # done by a batch that failed after sampling it
+                    continue
+                try:
+                    self._prefill(seq, starts[id(seq)])
+                except Exception as exc:  # this sequence alone fails
+                    log.exception("prefill failed")
+                    self._fail(seq, APIError(500, f"prefill failed: {type(exc).__name__}", code="engine_error"))
 
-    def _prefill(self, seq: _Sequence) -> None:
+    def _start(self, seq: _Sequence) -> int:
+        """A sequence's generator and prefix-cache hit; how many prompt tokens the prefill can skip."""
         req = seq.req
         if not req.params.greedy:
             seq.generator = make_generator(req.params.seed if req.params.seed is not None
                                            else int(torch.randint(0, 2**62, ()).item()))
+        self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+        return self._reuse_prefix(seq)
+
+    def _prefill_groups(self, seqs: list[_Sequence], starts: dict[int, int]) -> list[list[_Sequence]]:
+        """Sequences admitted together, grouped for one padded prefill forward each.
+
+        A burst of requests (a client's concurrent calls, the next wave of a load test) then costs one pass
+        over the weights instead of one per request. Groups bound the padding (at most half again the real
+        tokens); alone: sequences asking for prompt logprobs (they need every position's logits), those whose
+        padded slots would pass the cache, and every sequence of a LongRoPE model (padding positions would
+        switch the whole batch to the long factors).
+        """
+        single = [s.req.prompt_logprobs or self.model.longrope_from is not None for s in seqs]
+        alone = [[s] for s, one in zip(seqs, single) if one]
+        rest = sorted((s for s, one in zip(seqs, single) if not one),
+                      key=lambda s: len(s.req.prompt_ids) - starts[id(s)], reverse=True)
+        groups: list[list[_Sequence]] = []
+        group: list[_Sequence] = []
+        width = real = 0
+        for seq in rest:  # longest first: a group's width is its first member's length
+            todo = len(seq.req.prompt_ids) - starts[id(seq)]
+            fits = group and (len(group) + 1) * width <= 1.5 * (real + todo) + 16 \
+                and all(starts[id(s)] + width <= self.block_size for s in group + [seq])
+            if not fits:
+                if group:
+                    groups.append(group)
+                group, width, real = [], todo, 0
+            group.append(seq)
+            real += todo
+        if group:
+            groups.append(group)
+        return alone + groups
+
+    def _prefill(self, seq: _Sequence, start: int) -> None:
+        req = seq.req
         n = len(req.prompt_ids)
-        self.metrics.prompt_tokens.inc(n)
-        start = self._reuse_prefix(seq)
         ids = torch.tensor([req.prompt_ids[start:]], dtype=torch.long)
         logits = self._forward([req.adapter], ids, cache_slots=torch.arange(start, n),
                                cache_rows=slice(seq.row, seq.row + 1), kv_len=n,
@@ -326,6 +381,38 @@ class Engine:
             self._finish(seq, "length")
             return
         self._sample([seq], logits[:, -1])
+
+    def _prefill_batch(self, seqs: list[_Sequence], starts: list[int]) -> None:
+        """Prefill several sequences in one forward, left-padded to the longest.
+
+        Row i's real tokens take slots start_i..n_i-1, so its last one sits in the last column (`last_only`);
+        its pad columns write slots n_i.. (past its length: the causal mask hides them from its real tokens,
+        and its own decode steps overwrite them), so nothing it needs is touched.
+        """
+        todo = [len(s.req.prompt_ids) - start for s, start in zip(seqs, starts)]
+        width = max(todo)
+        ids, slots = [], []
+        for seq, start, m in zip(seqs, starts, todo):
+            n, pad = len(seq.req.prompt_ids), width - m
+            ids.append([0] * pad + seq.req.prompt_ids[start:])
+            slots.append(list(range(n, n + pad)) + list(range(start, n)))
+        rows_list = [s.row for s in seqs]
+        rows: slice | torch.Tensor = slice(rows_list[0], rows_list[-1] + 1) \
+            if rows_list == list(range(rows_list[0], rows_list[-1] + 1)) else torch.tensor(rows_list)
+        slot_t = torch.tensor(slots, dtype=torch.long)
+        logits = self._forward([s.req.adapter for s in seqs], torch.tensor(ids, dtype=torch.long),
+                               cache_slots=slot_t, cache_rows=rows, kv_len=int(slot_t.max()) + 1,
+                               last_only=True)[:, -1]  # (B, V)
+        for seq in seqs:
+            self._store_prefix(seq, seq.req.prompt_ids)
+        sample = []
+        for i, seq in enumerate(seqs):
+            if seq.req.max_tokens == 0:
+                self._finish(seq, "length")
+            else:
+                sample.append(i)
+        if sample:
+            self._sample([seqs[i] for i in sample], logits[sample])
 
     def _forward(self, adapters: list[int], *args: Any, **kwargs: Any) -> torch.Tensor:
         """The model's forward with each row's LoRA adapter selected (the base model again afterwards)."""
