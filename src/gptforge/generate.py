@@ -157,8 +157,8 @@ def compile_by_default() -> bool:
     """Whether `compile=None` (the default of `generate`/`stream`) compiles the decode step: `GPTFORGE_COMPILE=1`.
 
     Off unless asked for, because on CPU it pays only for long runs of small models: measured on a 2-core
-    AVX2 host, the compiled step decodes llama-small (25M params) 1.2-1.5x faster than eager (fp32 and
-    int8) but GPT-2-124M fp32 no faster (its time is in the GEMVs, where Inductor's C++ GEMM matches MKL),
+    AVX2 host, the compiled step decodes llama-small (25M params) up to 1.5x faster than eager (1.35x in
+    process) but GPT-2-124M fp32 no faster (its time is in the GEMVs, where Inductor's C++ GEMM matches MKL),
     while the first compile of a model shape costs ~24 s (3-4 s in later processes, from Inductor's
     on-disk cache). A short CLI run or a test would only pay. The server's batch changes every step, and a
     dynamic-shape graph recompiled for each new batch size (100 s + 130 s measured), so the serving engine
