@@ -145,7 +145,7 @@ def test_a_failing_batched_prefill_falls_back_to_one_at_a_time(tokenizer, monkey
     ids = tokenizer.encode("a failing batch is retried one sequence at a time")
     engine = Engine(model, tokenizer, max_batch=8, prefix_cache_bytes=0)
 
-    def broken(self, seqs, starts):
+    def broken(self, seqs):
         raise RuntimeError("simulated failure of the padded forward")
 
     monkeypatch.setattr(Engine, "_prefill_batch", broken)

@@ -304,18 +304,17 @@ class Engine:
             seq.row = len(self._running)
             self._running.append(seq)
             admitted.append(seq)
-        starts = {}
         for seq in admitted:
             try:
-                starts[id(seq)] = self._start(seq)
+                self._start(seq)
             except Exception as exc:  # this sequence alone fails
                 log.exception("prefill failed")
                 self._fail(seq, APIError(500, f"prefill failed: {type(exc).__name__}", code="engine_error"))
         ready = [seq for seq in admitted if not seq.finished]
-        for group in self._prefill_groups(ready, starts):
+        for group in self._prefill_groups(ready):
             if len(group) > 1:
                 try:
-                    self._prefill_batch(group, [starts[id(seq)] for seq in group])
+                    self._prefill_batch(group)
                     continue
                 except Exception:  # find the sequence that fails; the others are prefilled alone
                     log.exception("batched prefill failed; prefilling sequences one by one")
@@ -323,21 +322,21 @@ class Engine:
                 if seq.finished or seq.emitter.sampled:  # done by a batch that failed after sampling it
                     continue
                 try:
-                    self._prefill(seq, starts[id(seq)])
+                    self._prefill(seq)
                 except Exception as exc:  # this sequence alone fails
                     log.exception("prefill failed")
                     self._fail(seq, APIError(500, f"prefill failed: {type(exc).__name__}", code="engine_error"))
 
-    def _start(self, seq: _Sequence) -> int:
-        """A sequence's generator and prefix-cache hit; how many prompt tokens the prefill can skip."""
+    def _start(self, seq: _Sequence) -> None:
+        """A sequence's generator and prefix-cache hit (`cached_tokens`: the prompt tokens its prefill skips)."""
         req = seq.req
         if not req.params.greedy:
             seq.generator = make_generator(req.params.seed if req.params.seed is not None
                                            else int(torch.randint(0, 2**62, ()).item()))
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
-        return self._reuse_prefix(seq)
+        self._reuse_prefix(seq)
 
-    def _prefill_groups(self, seqs: list[_Sequence], starts: dict[int, int]) -> list[list[_Sequence]]:
+    def _prefill_groups(self, seqs: list[_Sequence]) -> list[list[_Sequence]]:
         """Sequences admitted together, grouped for one padded prefill forward each.
 
         A burst of requests (a client's concurrent calls, the next wave of a load test) then costs one pass
@@ -346,30 +345,32 @@ class Engine:
         padded slots would pass the cache, and every sequence of a LongRoPE model (padding positions would
         switch the whole batch to the long factors).
         """
-        single = [s.req.prompt_logprobs or self.model.longrope_from is not None for s in seqs]
-        alone = [[s] for s, one in zip(seqs, single) if one]
-        rest = sorted((s for s, one in zip(seqs, single) if not one),
-                      key=lambda s: len(s.req.prompt_ids) - starts[id(s)], reverse=True)
-        groups: list[list[_Sequence]] = []
+        def todo(s: _Sequence) -> int:
+            return len(s.req.prompt_ids) - s.cached_tokens
+
+        alone = [s.req.prompt_logprobs or self.model.longrope_from is not None for s in seqs]
+        groups: list[list[_Sequence]] = [[s] for s, one in zip(seqs, alone) if one]
         group: list[_Sequence] = []
         width = real = 0
-        for seq in rest:  # longest first: a group's width is its first member's length
-            todo = len(seq.req.prompt_ids) - starts[id(seq)]
-            fits = group and (len(group) + 1) * width <= 1.5 * (real + todo) + 16 \
-                and all(starts[id(s)] + width <= self.block_size for s in group + [seq])
+        # Longest first: a group's width is its first member's length.
+        for seq in sorted((s for s, one in zip(seqs, alone) if not one), key=todo, reverse=True):
+            fits = group and (len(group) + 1) * width <= 1.5 * (real + todo(seq)) + 16 \
+                and seq.cached_tokens + width <= self.block_size
             if not fits:
                 if group:
                     groups.append(group)
-                group, width, real = [], todo, 0
+                group, width, real = [], todo(seq), 0
             group.append(seq)
-            real += todo
+            real += todo(seq)
         if group:
             groups.append(group)
-        return alone + groups
+        for g in groups:  # in row order, so a group of adjacent rows reads the cache through a view
+            g.sort(key=lambda s: s.row)
+        return groups
 
-    def _prefill(self, seq: _Sequence, start: int) -> None:
+    def _prefill(self, seq: _Sequence) -> None:
         req = seq.req
-        n = len(req.prompt_ids)
+        n, start = len(req.prompt_ids), seq.cached_tokens
         ids = torch.tensor([req.prompt_ids[start:]], dtype=torch.long)
         logits = self._forward([req.adapter], ids, cache_slots=torch.arange(start, n),
                                cache_rows=slice(seq.row, seq.row + 1), kv_len=n,
@@ -382,18 +383,18 @@ class Engine:
             return
         self._sample([seq], logits[:, -1])
 
-    def _prefill_batch(self, seqs: list[_Sequence], starts: list[int]) -> None:
+    def _prefill_batch(self, seqs: list[_Sequence]) -> None:
         """Prefill several sequences in one forward, left-padded to the longest.
 
         Row i's real tokens take slots start_i..n_i-1, so its last one sits in the last column (`last_only`);
         its pad columns write slots n_i.. (past its length: the causal mask hides them from its real tokens,
         and its own decode steps overwrite them), so nothing it needs is touched.
         """
-        todo = [len(s.req.prompt_ids) - start for s, start in zip(seqs, starts)]
-        width = max(todo)
+        width = max(len(s.req.prompt_ids) - s.cached_tokens for s in seqs)
         ids, slots = [], []
-        for seq, start, m in zip(seqs, starts, todo):
-            n, pad = len(seq.req.prompt_ids), width - m
+        for seq in seqs:
+            n, start = len(seq.req.prompt_ids), seq.cached_tokens
+            pad = width - (n - start)
             ids.append([0] * pad + seq.req.prompt_ids[start:])
             slots.append(list(range(n, n + pad)) + list(range(start, n)))
         rows_list = [s.row for s in seqs]
@@ -425,19 +426,19 @@ class Engine:
             self.adapters.select(None)  # other work between steps (embeddings) sees the base model
 
     # ---- prefix cache -----------------------------------------------------------------------
-    def _reuse_prefix(self, seq: _Sequence) -> int:
-        """Copy the cached blocks that start the prompt into the sequence's row; how many tokens they cover."""
+    def _reuse_prefix(self, seq: _Sequence) -> None:
+        """Copy the cached blocks that start the prompt into the sequence's row; `cached_tokens`: how many."""
         cache = self.prefix_cache
         if cache is None:
-            return 0
+            return
         ids = seq.req.prompt_ids
         seq.digests = cache.digests(ids, namespace=str(seq.req.adapter))  # each adapter has its own keys/values
         if seq.req.prompt_logprobs:  # every prompt token's logits are needed: nothing may be skipped
-            return 0
+            return
         self.metrics.prefix_cache_queries.inc(len(ids))
         hits = cache.lookup(seq.digests[:(len(ids) - 1) // cache.block_tokens])  # the last token always runs
         if not hits:
-            return 0
+            return
         t = len(hits) * cache.block_tokens
         k = torch.cat([b.k for b in hits], dim=2)  # (L, Hkv, t, D)
         v = torch.cat([b.v for b in hits], dim=2)
@@ -446,7 +447,6 @@ class Engine:
             kv.v[seq.row, :, :t] = v[layer]
         seq.cached_tokens = t
         self.metrics.prefix_cache_hits.inc(t)
-        return t
 
     def _store_prefix(self, seq: _Sequence, ids: list[int]) -> None:
         """Put the full blocks of `ids` (tokens whose keys/values fill the row from slot 0) in the cache."""
